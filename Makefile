@@ -1,0 +1,33 @@
+# Primer: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRIMER := $(VENV)/bin/primer
+# Pinned so pip never replaces the CPU wheel on disk with a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+install: ## create .venv and install Primer with every extra (torch first, CPU wheel), plus the Debian data it uses
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(TORCHVISION) -c constraints.txt -e ".[all,dev]"
+	@bash scripts/install_system_deps.sh
+	$(PY) -m pip check
+
+test: ## run the test suite (the same command CI runs)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+lint: ## ruff lint and format check
+	$(VENV)/bin/ruff check pipeline jobs tests bench
+	$(VENV)/bin/ruff format --check pipeline jobs tests bench
+
+format: ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix pipeline jobs tests bench
+	$(VENV)/bin/ruff format pipeline jobs tests bench

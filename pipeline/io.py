@@ -1,0 +1,282 @@
+"""Shared I/O conventions for every stage.
+
+- Locations are fsspec URLs: plain local paths, ``file://``, ``s3://``, ``hf://`` or any
+  protocol fsspec knows. ``url_to_fs`` is the only place that turns one into a filesystem.
+- Writes are atomic: local files are written under a temporary name in the same directory
+  and renamed; object stores get a single ``put`` (an object appears whole or not at all).
+- A directory is complete when its completion marker (``_SUCCESS`` by default) exists. The
+  marker is always the last thing written, so a reader that sees it sees everything.
+- Every LAION row carries a stable ``uid``: a 128-bit BLAKE2b hash of url and caption, hex.
+
+S3 endpoints and credentials come from the usual AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...) or from ``storage_options`` passed through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as _glob
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+
+
+class InputError(ValueError):
+    """Bad or missing input data; the message names the file and what is wrong with it."""
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for an fsspec URL or local path."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    """True when ``url`` is a plain path or a ``file://`` URL."""
+    proto = url.split("://", 1)[0] if "://" in url else "file"
+    return proto in _LOCAL_PROTOCOLS
+
+
+def protocol(url: str) -> str:
+    """The URL's protocol (``file`` for plain paths)."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with ``/`` (works for local paths and object-store URLs alike)."""
+    out = base.rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn a filesystem-relative path back into a full URL (``bucket/key`` -> ``s3://bucket/key``)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in _LOCAL_PROTOCOLS:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def exists(url: str, **storage_options: Any) -> bool:
+    fs, path = url_to_fs(url, **storage_options)
+    return fs.exists(path)
+
+
+def makedirs(url: str, **storage_options: Any) -> None:
+    """Create a directory (a no-op on object stores, where directories are implicit)."""
+    fs, path = url_to_fs(url, **storage_options)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str, recursive: bool = True, **storage_options: Any) -> None:
+    """Delete a file or directory tree if it exists."""
+    fs, path = url_to_fs(url, **storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(
+    url: str | Iterable[str], suffixes: tuple[str, ...] = (), **storage_options: Any
+) -> list[str]:
+    """Expand a URL, a glob, a directory or a list of them into a sorted list of file URLs.
+
+    Directories are searched recursively; hidden names and names starting with ``_`` (such as
+    ``_SUCCESS``) are skipped. ``suffixes`` keeps only files ending in one of them.
+    Raises ``FileNotFoundError`` when nothing matches.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
+    out: set[str] = set()
+    for u in urls:
+        fs, path = url_to_fs(u, **storage_options)
+        if _glob.has_magic(path):
+            found = fs.glob(path)
+        elif fs.isdir(path):
+            found = fs.find(path)
+        elif fs.exists(path):
+            found = [path]
+        else:
+            found = []
+        for f in found:
+            name = f.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith((".", "_")):
+                continue
+            if suffixes and not name.endswith(suffixes):
+                continue
+            if fs.isdir(f):
+                continue
+            out.add(unstrip(fs, f))
+    if not out:
+        raise FileNotFoundError(f"no input files match {url!r}" + (f" (suffixes {suffixes})" if suffixes else ""))
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb", **storage_options: Any) -> Iterator[IO]:
+    """Open ``url`` for writing so that it appears whole or not at all.
+
+    Local files are written to a hidden temporary name in the target directory, fsynced and
+    renamed over the target. Other filesystems are written to a local temporary file that is
+    uploaded with one ``put`` when the block exits without error.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError("atomic_open only writes ('wb' or 'w')")
+    fs, path = url_to_fs(url, **storage_options)
+    if is_local(url):
+        directory = os.path.dirname(os.path.abspath(path)) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    with tempfile.NamedTemporaryFile(
+        mode, suffix=".part", delete=False, **({"encoding": "utf-8"} if mode == "w" else {})
+    ) as f:
+        tmp = f.name
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+        fs.put_file(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def write_bytes(url: str, data: bytes, **storage_options: Any) -> None:
+    """Atomically write ``data`` to ``url``."""
+    with atomic_open(url, "wb", **storage_options) as f:
+        f.write(data)
+
+
+def read_bytes(url: str, **storage_options: Any) -> bytes:
+    fs, path = url_to_fs(url, **storage_options)
+    return fs.cat_file(path)
+
+
+def write_json(url: str, obj: Any, **storage_options: Any) -> None:
+    """Atomically write ``obj`` as indented, key-sorted JSON (stable bytes for stable input)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, ensure_ascii=False)
+    write_bytes(url, (text + "\n").encode("utf-8"), **storage_options)
+
+
+def read_json(url: str, **storage_options: Any) -> Any:
+    return json.loads(read_bytes(url, **storage_options))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if hasattr(o, "__fspath__"):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_parquet(table: pa.Table, url: str, **storage_options: Any) -> None:
+    """Atomically write an Arrow table as one parquet file (zstd, statistics on)."""
+    with atomic_open(url, "wb", **storage_options) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def read_parquet(url: str, columns: list[str] | None = None, **storage_options: Any) -> pa.Table:
+    """Read one parquet file or a directory/glob of them (sorted, concatenated)."""
+    files = list_files(url, suffixes=(".parquet",), **storage_options)
+    tables = []
+    for f in files:
+        fs, path = url_to_fs(f, **storage_options)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=columns))
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def mark_done(url: str, payload: dict | None = None, name: str = SUCCESS, **storage_options: Any) -> None:
+    """Write the completion marker ``url/name``. Call it after every other output is written."""
+    write_json(join(url, name), payload or {}, **storage_options)
+
+
+def is_done(url: str, name: str = SUCCESS, **storage_options: Any) -> bool:
+    """True when ``url`` holds a completion marker."""
+    try:
+        return exists(join(url, name), **storage_options)
+    except FileNotFoundError:
+        return False
+
+
+def prepare_output(url: str, overwrite: bool, **storage_options: Any) -> bool:
+    """Decide what to do with an output directory before a stage writes to it.
+
+    Returns ``False`` when the output is complete and ``overwrite`` is off (the caller should
+    skip the stage). With ``overwrite``, removes the old output first. An incomplete output is
+    left in place so a stage can resume from its per-shard markers.
+    """
+    if is_done(url, **storage_options):
+        if not overwrite:
+            log.info("%s is complete (%s present); skipping. Pass --overwrite to redo it.", url, SUCCESS)
+            return False
+        log.info("overwriting %s", url)
+        remove(url, **storage_options)
+    makedirs(url, **storage_options)
+    return True
+
+
+def make_uid(url: str | None, caption: str | None) -> str:
+    """Stable 128-bit row id: BLAKE2b-128 over ``url``, a unit separator, and ``caption``.
+
+    Null fields hash as empty strings, so a row keeps its uid through every stage and every
+    schema (original LAION-2B-en and Re-LAION name the same fields differently).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update((url or "").encode("utf-8", "surrogatepass"))
+    h.update(b"\x1f")
+    h.update((caption or "").encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def make_uids(urls: pa.Array | list, captions: pa.Array | list) -> pa.Array:
+    """Vectorised ``make_uid`` over two aligned columns; returns a string array."""
+    u = urls.to_pylist() if isinstance(urls, (pa.Array, pa.ChunkedArray)) else urls
+    c = captions.to_pylist() if isinstance(captions, (pa.Array, pa.ChunkedArray)) else captions
+    return pa.array([make_uid(a, b) for a, b in zip(u, c)], type=pa.string())
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Configure root logging once: timestamps, level and logger name, to stderr."""
+    if isinstance(level, str):
+        level = getattr(logging, level.upper(), logging.INFO)
+    root = logging.getLogger()
+    if not any(getattr(h, "_primer", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._primer = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
