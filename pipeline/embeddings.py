@@ -1,0 +1,222 @@
+"""The on-disk format of embeddings and decisions, and their public loaders.
+
+An embedding directory holds, per shard ``S`` (zero-padded, sorted order is row order)::
+
+    S.npy        float16 [N, D], rows L2-normalised
+    S.parquet    uid (string), label (int32), plus optional extra columns
+    S.done       per-shard completion marker, written after the two files above
+    meta.json    model name, pretrained tag or checkpoint hash, preprocessing, dim, ...
+    _SUCCESS     written last, when every shard is done
+
+Text (class prompt) embeddings use the same layout with one shard named ``text`` whose
+parquet also carries ``kind`` ("template" or "description") and ``prompt``.
+
+A decision directory (written by the selection stage) holds ``decision.parquet`` (uid, label,
+score, kept, reason, ...) and a ``meta.json`` naming the pool embeddings it decided over, so
+``load(decision_url)`` returns the kept pool rows.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import io
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+DECISION = "decision.parquet"
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Rows divided by their L2 norm, computed in float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(n, eps)
+
+
+def shard_done(out_url: str, shard: str) -> bool:
+    """True when shard ``shard`` of ``out_url`` was completely written."""
+    return io.exists(io.join(out_url, f"{shard}.done"))
+
+
+def write_shard(
+    out_url: str,
+    shard: str,
+    uids: np.ndarray | list,
+    labels: np.ndarray | list,
+    feats: np.ndarray,
+    extra: Mapping[str, Any] | None = None,
+    stats: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one shard's embeddings atomically, then its ``.done`` marker.
+
+    ``feats`` is cast to float16; its rows must already be L2-normalised (checked loosely).
+    ``extra`` adds columns to the shard's parquet; ``stats`` is stored in the marker.
+    """
+    feats = np.asarray(feats)
+    n = len(uids)
+    if feats.ndim != 2 or feats.shape[0] != n or len(labels) != n:
+        raise ValueError(f"shard {shard}: {n} uids, {len(labels)} labels, feats {feats.shape}")
+    if n:
+        norms = np.linalg.norm(feats.astype(np.float32), axis=1)
+        if not np.all(np.abs(norms - 1) < 1e-2):
+            raise ValueError(f"shard {shard}: embeddings are not L2-normalised")
+    cols: dict[str, Any] = {
+        "uid": pa.array(list(uids), pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int32)),
+    }
+    for k, v in (extra or {}).items():
+        cols[k] = v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v)
+    io.write_parquet(pa.table(cols), io.join(out_url, f"{shard}.parquet"))
+    buf = _io.BytesIO()
+    np.save(buf, feats.astype(np.float16), allow_pickle=False)
+    io.write_bytes(io.join(out_url, f"{shard}.npy"), buf.getvalue())
+    io.write_json(io.join(out_url, f"{shard}.done"), {"rows": n, **(stats or {})})
+
+
+def completed_shards(url: str) -> list[str]:
+    """Names of the shards of ``url`` that have their ``.done`` marker, sorted."""
+    fs, path = io.url_to_fs(url)
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return sorted(n[: -len(".done")] for n in names if n.endswith(".done"))
+
+
+def read_meta(url: str) -> dict:
+    """The ``meta.json`` of an embedding or decision directory."""
+    return io.read_json(io.join(url, META))
+
+
+def is_decision(url: str) -> bool:
+    return io.exists(io.join(url, DECISION))
+
+
+def _load_shard(url: str, shard: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    table = io.read_parquet(io.join(url, f"{shard}.parquet"), columns=columns)
+    feats = np.load(_io.BytesIO(io.read_bytes(io.join(url, f"{shard}.npy"))), allow_pickle=False)
+    if feats.shape[0] != table.num_rows:
+        raise io.InputError(f"{url}/{shard}: {table.num_rows} rows in parquet but {feats.shape[0]} embeddings")
+    return table, feats
+
+
+def load_table(url: str, require_complete: bool = True) -> tuple[pa.Table, np.ndarray]:
+    """Every completed shard of an embedding directory: ``(metadata table, float16 feats)``.
+
+    Raises :class:`pipeline.io.InputError` when ``require_complete`` and ``_SUCCESS`` is missing.
+    """
+    if require_complete and not io.is_done(url):
+        raise io.InputError(f"{url} is not a complete embedding output (no {io.SUCCESS}); run or rerun its embed stage")
+    shards = completed_shards(url)
+    tables, feats = [], []
+    for s in shards:
+        t, f = _load_shard(url, s)
+        tables.append(t)
+        feats.append(f)
+    if not tables:
+        dim = int(read_meta(url).get("embed_dim", 0)) if io.exists(io.join(url, META)) else 0
+        return pa.table({"uid": pa.array([], pa.string()), "label": pa.array([], pa.int32())}), np.zeros((0, dim), np.float16)
+    return pa.concat_tables(tables, promote_options="default"), np.concatenate(feats, axis=0)
+
+
+def load(url: str, require_complete: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load any embedding output as ``(uids, labels, feats)``.
+
+    ``uids`` is an object array of hex strings, ``labels`` int64, ``feats`` float16 ``[N, D]``,
+    rows in shard order (stable across reruns). Given a decision directory, returns the kept
+    rows of the pool embeddings it was decided over, in pool order.
+    """
+    if is_decision(url):
+        meta = read_meta(url)
+        kept = decision_kept(url)
+        uids, labels, feats = load(meta["pool"], require_complete)
+        mask = np.isin(uids, kept)
+        return uids[mask], labels[mask], feats[mask]
+    table, feats = load_table(url, require_complete)
+    uids = np.asarray(table.column("uid").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    return uids, labels, feats
+
+
+def decision_kept(url: str) -> np.ndarray:
+    """The kept uids of a decision directory (object array)."""
+    if not io.is_done(url):
+        raise io.InputError(f"{url} is not a complete decision (no {io.SUCCESS}); rerun its filter")
+    t = io.read_parquet(io.join(url, DECISION), columns=["uid", "kept"])
+    kept = t.column("kept").to_numpy(zero_copy_only=False)
+    return np.asarray(t.column("uid").to_pylist(), dtype=object)[kept]
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Prompt embeddings, one row per prompt: ``labels[i]`` is its class, ``kinds[i]`` is
+    ``"template"`` or ``"description"``, ``feats`` float16 ``[P, D]`` unit rows."""
+
+    labels: np.ndarray
+    kinds: np.ndarray
+    prompts: np.ndarray
+    feats: np.ndarray
+    num_classes: int
+    classnames: tuple[str, ...]
+
+    def heads(self, kind: str = "template") -> np.ndarray:
+        """Class weights ``[C, D]`` float32: t_c = norm(mean_j norm(E(prompt_j))) over prompts of
+        ``kind``. A class with no prompt of that kind gets a zero row (callers decide the fallback)."""
+        mask = self.kinds == kind
+        return class_means(self.feats[mask], self.labels[mask], self.num_classes)
+
+    def has(self, kind: str) -> bool:
+        return bool(np.any(self.kinds == kind))
+
+
+def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[C, D]`` float32: per class, the L2-normalised sum of L2-normalised rows (zero if none)."""
+    f = l2_normalize(feats)
+    out = np.zeros((num_classes, f.shape[1] if f.ndim == 2 else 0), dtype=np.float32)
+    np.add.at(out, np.asarray(labels, dtype=np.int64), f)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(norms > 0, out / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+
+
+def load_text(url: str) -> TextEmbeddings:
+    """Load class prompt embeddings written by ``primer embed-text``."""
+    table, feats = load_table(url)
+    meta = read_meta(url)
+    return TextEmbeddings(
+        labels=table.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
+        kinds=np.asarray(table.column("kind").to_pylist(), dtype=object),
+        prompts=np.asarray(table.column("prompt").to_pylist(), dtype=object),
+        feats=feats,
+        num_classes=int(meta["num_classes"]),
+        classnames=tuple(meta.get("classnames", ())),
+    )
+
+
+def write_decision(out_url: str, table: pa.Table, meta: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+    """Write a decision directory: parquet, meta, stats, then ``_SUCCESS`` last.
+
+    ``table`` must hold at least uid, label, score, kept, reason. ``meta`` must name the pool
+    embeddings (``pool``) it decided over.
+    """
+    missing = {"uid", "label", "score", "kept", "reason"} - set(table.column_names)
+    if missing or "pool" not in meta:
+        raise ValueError(f"decision needs columns uid,label,score,kept,reason and meta['pool'] (missing {sorted(missing)})")
+    io.write_parquet(table, io.join(out_url, DECISION))
+    io.write_json(io.join(out_url, META), dict(meta))
+    io.write_json(io.join(out_url, "stats.json"), dict(stats))
+    io.mark_done(out_url)
+
+
+def read_decision(url: str) -> pa.Table:
+    if not io.is_done(url):
+        raise io.InputError(f"{url} is not a complete decision (no {io.SUCCESS})")
+    return pq.read_table(io.join(url, DECISION)) if io.is_local(url) else io.read_parquet(io.join(url, DECISION))
