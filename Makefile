@@ -9,25 +9,33 @@ TORCHVISION ?= torchvision==0.28.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
+STAMP := $(VENV)/.primer-installed
 .PHONY: help install test lint format
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 install: ## create .venv and install Primer with every extra (torch first, CPU wheel), plus the Debian data it uses
+	rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+# Every target that runs code depends on this stamp, so `make test` or `make demo` on a fresh
+# clone installs first. Reinstalls when the dependency pins change.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q $(TORCH) $(TORCHVISION) -c constraints.txt -e ".[all,dev]"
-	@bash scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
 	$(PY) -m pip check
+	touch $(STAMP)
 
-test: ## run the test suite (the same command CI runs)
+test: $(STAMP) ## run the test suite (the same command CI runs); installs first on a fresh clone
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
-lint: ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 	$(VENV)/bin/ruff format --check pipeline jobs tests bench
 
-format: ## apply ruff's formatting and safe fixes
+format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix pipeline jobs tests bench
 	$(VENV)/bin/ruff format pipeline jobs tests bench
