@@ -48,8 +48,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description="Print a dataset's class names in label order. DATASET is a bundled name "
         "(see --list) or the path of a YAML file.",
     )
-    p.add_argument("dataset", nargs="?", help="bundled name (StanfordCars, ImageNet-R, ...) or path.yaml")
-    p.add_argument("--prompts", action="store_true", help="print every prompt (template x class) instead")
+    p.add_argument(
+        "dataset", nargs="?", help="bundled name (StanfordCars, ImageNet-R, ...) or path.yaml"
+    )
+    p.add_argument(
+        "--prompts", action="store_true", help="print every prompt (template x class) instead"
+    )
     p.add_argument("--list", action="store_true", help="list the bundled datasets")
     p.set_defaults(func=_cmd_classes)
 

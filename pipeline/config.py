@@ -147,7 +147,9 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
     indices = raw.get("imagenet_indices")
     if indices is not None:
         if len(indices) != len(classes):
-            problems.append(f"imagenet_indices has {len(indices)} entries for {len(classes)} classes")
+            problems.append(
+                f"imagenet_indices has {len(indices)} entries for {len(classes)} classes"
+            )
         indices = tuple(int(i) for i in indices)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))

@@ -101,11 +101,15 @@ def is_decision(url: str) -> bool:
     return io.exists(io.join(url, DECISION))
 
 
-def _load_shard(url: str, shard: str, columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+def _load_shard(
+    url: str, shard: str, columns: list[str] | None = None
+) -> tuple[pa.Table, np.ndarray]:
     table = io.read_parquet(io.join(url, f"{shard}.parquet"), columns=columns)
     feats = np.load(_io.BytesIO(io.read_bytes(io.join(url, f"{shard}.npy"))), allow_pickle=False)
     if feats.shape[0] != table.num_rows:
-        raise io.InputError(f"{url}/{shard}: {table.num_rows} rows in parquet but {feats.shape[0]} embeddings")
+        raise io.InputError(
+            f"{url}/{shard}: {table.num_rows} rows in parquet but {feats.shape[0]} embeddings"
+        )
     return table, feats
 
 
@@ -115,7 +119,9 @@ def load_table(url: str, require_complete: bool = True) -> tuple[pa.Table, np.nd
     Raises :class:`pipeline.io.InputError` when ``require_complete`` and ``_SUCCESS`` is missing.
     """
     if require_complete and not io.is_done(url):
-        raise io.InputError(f"{url} is not a complete embedding output (no {io.SUCCESS}); run or rerun its embed stage")
+        raise io.InputError(
+            f"{url} is not a complete embedding output (no {io.SUCCESS}); run or rerun its embed stage"
+        )
     shards = completed_shards(url)
     tables, feats = [], []
     for s in shards:
@@ -124,7 +130,9 @@ def load_table(url: str, require_complete: bool = True) -> tuple[pa.Table, np.nd
         feats.append(f)
     if not tables:
         dim = int(read_meta(url).get("embed_dim", 0)) if io.exists(io.join(url, META)) else 0
-        return pa.table({"uid": pa.array([], pa.string()), "label": pa.array([], pa.int32())}), np.zeros((0, dim), np.float16)
+        return pa.table(
+            {"uid": pa.array([], pa.string()), "label": pa.array([], pa.int32())}
+        ), np.zeros((0, dim), np.float16)
     return pa.concat_tables(tables, promote_options="default"), np.concatenate(feats, axis=0)
 
 
@@ -201,7 +209,9 @@ def load_text(url: str) -> TextEmbeddings:
     )
 
 
-def write_decision(out_url: str, table: pa.Table, meta: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+def write_decision(
+    out_url: str, table: pa.Table, meta: Mapping[str, Any], stats: Mapping[str, Any]
+) -> None:
     """Write a decision directory: parquet, meta, stats, then ``_SUCCESS`` last.
 
     ``table`` must hold at least uid, label, score, kept, reason. ``meta`` must name the pool
@@ -209,7 +219,9 @@ def write_decision(out_url: str, table: pa.Table, meta: Mapping[str, Any], stats
     """
     missing = {"uid", "label", "score", "kept", "reason"} - set(table.column_names)
     if missing or "pool" not in meta:
-        raise ValueError(f"decision needs columns uid,label,score,kept,reason and meta['pool'] (missing {sorted(missing)})")
+        raise ValueError(
+            f"decision needs columns uid,label,score,kept,reason and meta['pool'] (missing {sorted(missing)})"
+        )
     io.write_parquet(table, io.join(out_url, DECISION))
     io.write_json(io.join(out_url, META), dict(meta))
     io.write_json(io.join(out_url, "stats.json"), dict(stats))
@@ -219,4 +231,8 @@ def write_decision(out_url: str, table: pa.Table, meta: Mapping[str, Any], stats
 def read_decision(url: str) -> pa.Table:
     if not io.is_done(url):
         raise io.InputError(f"{url} is not a complete decision (no {io.SUCCESS})")
-    return pq.read_table(io.join(url, DECISION)) if io.is_local(url) else io.read_parquet(io.join(url, DECISION))
+    return (
+        pq.read_table(io.join(url, DECISION))
+        if io.is_local(url)
+        else io.read_parquet(io.join(url, DECISION))
+    )

@@ -49,7 +49,18 @@ FASHION_CLASSES = (
     "bag",
     "ankle boot",
 )
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "cat",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle_left",
+    "retina",
+)
 
 
 @lru_cache(maxsize=2)
@@ -114,7 +125,12 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     """A tiny PNG that declares ``width x height`` grey pixels (decompresses to ~900 MB)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     raw = zlib.compressobj(9)
     row = b"\x00" + b"\x00" * width
@@ -191,7 +207,9 @@ class ImageServer:
         return f"{self.base_url}/{path.lstrip('/')}"
 
     def start(self) -> ImageServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="imageserver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="imageserver", daemon=True
+        )
         self._thread.start()
         return self
 

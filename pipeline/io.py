@@ -37,6 +37,8 @@ SUCCESS = "_SUCCESS"
 
 class InputError(ValueError):
     """Bad or missing input data; the message names the file and what is wrong with it."""
+
+
 _LOCAL_PROTOCOLS = {"file", "local"}
 
 
@@ -124,7 +126,9 @@ def list_files(
                 continue
             out.add(unstrip(fs, f))
     if not out:
-        raise FileNotFoundError(f"no input files match {url!r}" + (f" (suffixes {suffixes})" if suffixes else ""))
+        raise FileNotFoundError(
+            f"no input files match {url!r}" + (f" (suffixes {suffixes})" if suffixes else "")
+        )
     return sorted(out)
 
 
@@ -217,7 +221,9 @@ def read_parquet(url: str, columns: list[str] | None = None, **storage_options: 
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
-def mark_done(url: str, payload: dict | None = None, name: str = SUCCESS, **storage_options: Any) -> None:
+def mark_done(
+    url: str, payload: dict | None = None, name: str = SUCCESS, **storage_options: Any
+) -> None:
     """Write the completion marker ``url/name``. Call it after every other output is written."""
     write_json(join(url, name), payload or {}, **storage_options)
 
@@ -239,7 +245,9 @@ def prepare_output(url: str, overwrite: bool, **storage_options: Any) -> bool:
     """
     if is_done(url, **storage_options):
         if not overwrite:
-            log.info("%s is complete (%s present); skipping. Pass --overwrite to redo it.", url, SUCCESS)
+            log.info(
+                "%s is complete (%s present); skipping. Pass --overwrite to redo it.", url, SUCCESS
+            )
             return False
         log.info("overwriting %s", url)
         remove(url, **storage_options)
@@ -274,9 +282,94 @@ def setup_logging(level: str | int = "INFO") -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_primer", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         handler._primer = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("py4j", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+class LockedError(RuntimeError):
+    """Another run holds the lock on this run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never write the same outputs.
+
+    Local directories use ``fcntl.flock`` on ``<dir>/_LOCK``: the kernel releases it when the
+    holder exits, even on SIGKILL, so a crashed run never blocks the next one. Object stores
+    have no locks; there ``_LOCK`` holds the owner and a heartbeat time, and a lock older than
+    ``stale_after_s`` is taken over (a crashed cluster run blocks for at most that long).
+    Raises :class:`LockedError` with the holder's host and pid.
+    """
+
+    def __init__(self, url: str, stale_after_s: float = 6 * 3600, **storage_options: Any):
+        self.url = url
+        self.lock_url = join(url, "_LOCK")
+        self.stale_after_s = stale_after_s
+        self.storage_options = storage_options
+        self._fh: IO | None = None
+
+    def _owner(self) -> dict:
+        import socket
+        import time
+
+        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+    def acquire(self) -> RunLock:
+        import time
+
+        makedirs(self.url, **self.storage_options)
+        if is_local(self.url):
+            import fcntl
+
+            fs, path = url_to_fs(self.lock_url)
+            fh = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                fh.close()
+                raise LockedError(
+                    f"{self.url} is in use by another run ({holder}); wait for it to finish or use another run directory"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(self._owner()))
+            fh.flush()
+            self._fh = fh
+            return self
+        if exists(self.lock_url, **self.storage_options):
+            try:
+                holder = read_json(self.lock_url, **self.storage_options)
+            except ValueError:
+                holder = {}
+            age = time.time() - float(holder.get("time", 0))
+            if age < self.stale_after_s:
+                raise LockedError(
+                    f"{self.url} is in use by another run ({holder}, {age:.0f} s ago); wait, or delete "
+                    f"{self.lock_url} if that run is dead"
+                )
+            log.warning("taking over a stale lock on %s (%s)", self.url, holder)
+        write_json(self.lock_url, self._owner(), **self.storage_options)
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+        elif not is_local(self.url):
+            remove(self.lock_url, **self.storage_options)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

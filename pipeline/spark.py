@@ -13,7 +13,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def get_spark(master: str | None = None, app_name: str = "primer", conf: dict[str, Any] | None = None):
+def get_spark(
+    master: str | None = None, app_name: str = "primer", conf: dict[str, Any] | None = None
+):
     """Return the active SparkSession, or start one.
 
     ``master`` is used only when no session is active (``spark-submit`` sets its own).

@@ -39,7 +39,9 @@ flag team sport football soccer basketball tennis golf running fitness yoga bike
 motorcycle truck bus train plane airport boat ship vintage antique old used 2019 2020
 2021 2022 size cm mm inch pack pcs lot 1 2 3 4 5 10 100 x by amp"""
 _COMMON_WORDS = np.array(sorted(set(_COMMON.split())))
-_SYLLABLES = np.array("ka lo mi ne ru sa ti vo ze bar den fil gor han jus kel mon pra sto tri ven wal xy".split())
+_SYLLABLES = np.array(
+    "ka lo mi ne ru sa ti vo ze bar den fil gor han jus kel mon pra sto tri ven wal xy".split()
+)
 _SEPARATORS = np.array([" ", " ", " ", " ", " ", " ", " - ", " | ", ", ", " / ", " &amp; ", ": "])
 
 

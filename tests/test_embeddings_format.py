@@ -17,7 +17,11 @@ def _unit(rng, n, d):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_shards_round_trip_in_shard_order(tmp_path, request, where):
-    base = str(tmp_path / "emb") if where == "local" else io.join(request.getfixturevalue("s3_bucket"), "emb")
+    base = (
+        str(tmp_path / "emb")
+        if where == "local"
+        else io.join(request.getfixturevalue("s3_bucket"), "emb")
+    )
     rng = np.random.default_rng(0)
     f1, f0 = _unit(rng, 3, 8), _unit(rng, 2, 8)
     E.write_shard(base, "00001", ["c", "d", "e"], [2, 0, 1], f1)
@@ -44,7 +48,15 @@ def test_decision_loads_kept_pool_rows(tmp_path):
     E.write_shard(pool, "00000", ["a", "b", "c"], [0, 1, 0], _unit(rng, 3, 4))
     io.mark_done(pool)
     dec = str(tmp_path / "dec")
-    table = pa.table({"uid": ["a", "b", "c"], "label": [0, 1, 0], "score": [0.9, 0.1, 0.8], "kept": [True, False, True], "reason": ["kept", "low_prob", "kept"]})
+    table = pa.table(
+        {
+            "uid": ["a", "b", "c"],
+            "label": [0, 1, 0],
+            "score": [0.9, 0.1, 0.8],
+            "kept": [True, False, True],
+            "reason": ["kept", "low_prob", "kept"],
+        }
+    )
     E.write_decision(dec, table, {"pool": pool}, {"kept": 2})
     uids, labels, _ = E.load(dec)
     assert list(uids) == ["a", "c"] and labels.tolist() == [0, 0]

@@ -65,8 +65,12 @@ def test_image_server_failure_modes(image_server):
 def test_laion_tables_both_schemas():
     t1 = laion_table(500, ["golden retriever", "tabby cat"], schema="laion2b", seed=3)
     t2 = laion_table(500, ["golden retriever", "tabby cat"], schema="relaion", seed=3)
-    assert {"URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(t1.column_names)
-    assert {"url", "caption", "width", "height", "similarity", "punsafe", "pwatermark"} <= set(t2.column_names)
+    assert {"URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(
+        t1.column_names
+    )
+    assert {"url", "caption", "width", "height", "similarity", "punsafe", "pwatermark"} <= set(
+        t2.column_names
+    )
     assert t1.column("TEXT").to_pylist() == t2.column("caption").to_pylist()
     assert t1 == laion_table(500, ["golden retriever", "tabby cat"], schema="laion2b", seed=3)
 

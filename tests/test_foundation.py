@@ -59,7 +59,10 @@ def test_markers_and_prepare_output(tmp_path):
 def test_list_files_sorted_skips_markers_and_hidden(tmp_path):
     for name in ["b.parquet", "a.parquet", "_SUCCESS", ".a.parquet.tmp-1", "c.txt"]:
         (tmp_path / name).write_bytes(b"x")
-    assert io.list_files(str(tmp_path), suffixes=(".parquet",)) == [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    assert io.list_files(str(tmp_path), suffixes=(".parquet",)) == [
+        str(tmp_path / "a.parquet"),
+        str(tmp_path / "b.parquet"),
+    ]
     assert io.list_files(str(tmp_path / "*.txt")) == [str(tmp_path / "c.txt")]
     with pytest.raises(FileNotFoundError, match="no input files"):
         io.list_files(str(tmp_path / "missing"))
@@ -83,7 +86,11 @@ def test_atomic_write_to_s3(s3_bucket):
 
 
 def test_parse_set_nested_and_typed():
-    assert parse_set(["a.b=3", "a.c=true", "d=x y", "e=[1, 2]"]) == {"a": {"b": 3, "c": True}, "d": "x y", "e": [1, 2]}
+    assert parse_set(["a.b=3", "a.c=true", "d=x y", "e=[1, 2]"]) == {
+        "a": {"b": 3, "c": True},
+        "d": "x y",
+        "e": [1, 2],
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["novalue"])
 
@@ -115,7 +122,12 @@ def test_build_validates_all_problems_at_once():
     with pytest.raises(ConfigError) as e:
         build(Cfg, {"k": "ten", "bogus": 1, "p": "x"}, where="demo")
     msg = str(e.value)
-    assert "bogus" in msg and "k: expected an integer" in msg and "p: expected a number" in msg and "'demo'" in msg
+    assert (
+        "bogus" in msg
+        and "k: expected an integer" in msg
+        and "p: expected a number" in msg
+        and "'demo'" in msg
+    )
     with pytest.raises(ConfigError, match="p must be in"):
         build(Cfg, {"p": 3})
     assert stage_config(Cfg, "nosuchsection", flags={"k": 4, "p": None}) == Cfg(k=4)
@@ -134,11 +146,16 @@ def test_cli_classes_counts(capsys):
 
 def test_cli_classes_user_yaml_and_prompts(tmp_path, capsys):
     y = tmp_path / "mine.yaml"
-    y.write_text('name: Mine\nclasses: [tabby cat, "Rolls-Royce Ghost"]\ntemplates: ["a photo of a {}.", "art of the {}."]\n')
+    y.write_text(
+        'name: Mine\nclasses: [tabby cat, "Rolls-Royce Ghost"]\ntemplates: ["a photo of a {}.", "art of the {}."]\n'
+    )
     assert main(["classes", str(y)]) == 0
     assert capsys.readouterr().out.splitlines() == ["tabby cat", "Rolls-Royce Ghost"]
     assert main(["classes", str(y), "--prompts"]) == 0
-    assert capsys.readouterr().out.splitlines()[:2] == ["0\ta photo of a tabby cat.", "0\tart of the tabby cat."]
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "0\ta photo of a tabby cat.",
+        "0\tart of the tabby cat.",
+    ]
 
 
 def test_cli_reports_bad_dataset_clearly(tmp_path, caplog):
@@ -146,7 +163,9 @@ def test_cli_reports_bad_dataset_clearly(tmp_path, caplog):
     y.write_text("classes: [a, a, '']\ntemplates: ['no placeholder']\n")
     assert main(["classes", str(y)]) == 2
     text = caplog.text
-    assert "duplicate class name 'a'" in text and "empty class name" in text and "exactly one" in text
+    assert (
+        "duplicate class name 'a'" in text and "empty class name" in text and "exactly one" in text
+    )
     assert main(["classes", "NoSuchDataset"]) == 2
     assert "unknown dataset" in caplog.text
 
