@@ -20,6 +20,10 @@ log = logging.getLogger("primer")
 # Stage modules, in pipeline order. Each defines register(subparsers, common).
 COMMAND_MODULES: list[str] = [
     "pipeline.cli",  # classes, config (below)
+    "pipeline.text_filter",
+    "pipeline.subset",
+    "pipeline.demo",
+    "pipeline.report",
 ]
 
 

@@ -42,7 +42,9 @@ _COMMON_WORDS = np.array(sorted(set(_COMMON.split())))
 _SYLLABLES = np.array(
     "ka lo mi ne ru sa ti vo ze bar den fil gor han jus kel mon pra sto tri ven wal xy".split()
 )
-_SEPARATORS = np.array([" ", " ", " ", " ", " ", " ", " - ", " | ", ", ", " / ", " &amp; ", ": "])
+_SEPARATORS = np.array([" "] * 160 + [" - "] * 12 + [" | "] * 8 + [", "] * 14 + [" / "] * 2 + [": "] * 3 + [" &amp; "])
+# Non-ASCII words, as in real LAION-en alt text (accents, typographic punctuation, CJK).
+_NON_ASCII = np.array(["café", "crème", "naïve", "–", "“new”", "size’s", "日本", "Größe", "niño", "€19,99"])
 
 
 def _long_tail(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -77,6 +79,9 @@ def make_captions(
     words = rng.choice(vocab, total, p=weights)
     caps = rng.random(total) < 0.25
     words = np.where(caps, np.char.capitalize(words), words)
+    # About 6% of captions carry a non-ASCII word.
+    exotic = rng.random(total) < 0.006
+    words = np.where(exotic, rng.choice(_NON_ASCII, total), words)
     seps = rng.choice(_SEPARATORS, total)
     planted = np.full(n, -1, dtype=np.int64)
     if classnames:
