@@ -21,6 +21,7 @@ log = logging.getLogger("primer")
 COMMAND_MODULES: list[str] = [
     "pipeline.cli",  # classes, config (below)
     "pipeline.text_filter",
+    "pipeline.download",
     "pipeline.subset",
     "pipeline.demo",
     "pipeline.report",

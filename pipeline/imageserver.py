@@ -63,8 +63,22 @@ SKIMAGE_PHOTOS = (
 )
 
 
-@lru_cache(maxsize=2)
+_LOAD_LOCK = threading.Lock()
+
+
 def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(images uint8 [N, 28, 28], labels int64 [N])`` from Debian's IDX files (cached).
+
+    ``split`` is ``train`` (60k) or ``test`` (10k). Raises ``FileNotFoundError`` with the
+    package to install when the files are missing. Thread-safe: the server's request threads
+    share one decoded copy.
+    """
+    with _LOAD_LOCK:
+        return _load_fashion_mnist(split)
+
+
+@lru_cache(maxsize=2)
+def _load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(images uint8 [N, 28, 28], labels int64 [N])`` from Debian's IDX files.
 
     ``split`` is ``train`` (60k) or ``test`` (10k). Raises ``FileNotFoundError`` with the
@@ -207,6 +221,9 @@ class ImageServer:
         return f"{self.base_url}/{path.lstrip('/')}"
 
     def start(self) -> ImageServer:
+        # Decode the training images before the first request, not under a client's timeout.
+        if os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+            load_fashion_mnist("train")
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="imageserver", daemon=True
         )
