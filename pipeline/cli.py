@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "pipeline.cli",  # classes, config (below)
     "pipeline.text_filter",
     "pipeline.download",
+    "pipeline.embed",
     "pipeline.subset",
     "pipeline.demo",
     "pipeline.report",
