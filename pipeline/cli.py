@@ -23,6 +23,8 @@ COMMAND_MODULES: list[str] = [
     "pipeline.text_filter",
     "pipeline.download",
     "pipeline.embed",
+    "pipeline.selection",
+    "pipeline.materialise",
     "pipeline.subset",
     "pipeline.demo",
     "pipeline.report",
