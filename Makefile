@@ -39,3 +39,30 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix pipeline jobs tests bench
 	$(VENV)/bin/ruff format pipeline jobs tests bench
+
+# ---------------------------------------------------------------- the pipeline
+DATASET ?= StanfordCars
+LAION ?=
+MODEL ?= ViT-B-16
+PRETRAINED ?= laion2b_s34b_b88k
+CHECKPOINT ?=
+DATA_ROOT ?=
+RUN_DIR ?=
+CONFIG ?=
+SUBSET_ARGS ?=
+
+.PHONY: demo subset report bench
+
+demo: $(STAMP) ## run the whole pipeline offline on the bundled demo corpus (writes data/demo/report/index.html)
+	HF_HUB_OFFLINE=1 $(PRIMER) demo $(if $(CONFIG),--config $(CONFIG))
+
+subset: $(STAMP) ## run every stage: make subset DATASET=StanfordCars LAION=s3://... DATA_ROOT=/datasets/cars [MODEL=.. PRETRAINED=..|CHECKPOINT=..]
+	$(PRIMER) subset --dataset $(DATASET) $(if $(LAION),--metadata '$(LAION)') $(if $(DATA_ROOT),--data-root '$(DATA_ROOT)') \
+		--model $(MODEL) $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)',--pretrained $(PRETRAINED)) \
+		$(if $(RUN_DIR),--run-dir '$(RUN_DIR)') $(if $(CONFIG),--config $(CONFIG)) $(SUBSET_ARGS)
+
+report: $(STAMP) ## write the HTML report of a run directory: make report RUN_DIR=data/StanfordCars
+	$(PRIMER) report $(or $(RUN_DIR),data/$(DATASET))
+
+bench: $(STAMP) ## run every benchmark in quick mode
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done

@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "pipeline.embed",
     "pipeline.selection",
     "pipeline.materialise",
+    "pipeline.evaluate",
     "pipeline.subset",
     "pipeline.demo",
     "pipeline.report",

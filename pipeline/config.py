@@ -249,7 +249,8 @@ def _check_type(value: Any, tp: Any) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str) or not isinstance(value, Iterable):
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                # "0,1,2" from a command line: each item parsed as YAML, like --set values.
+                value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
             else:
                 raise TypeError(f"expected a list, got {value!r}")
         args = typing.get_args(tp)

@@ -152,7 +152,7 @@ def stage_argv(name: str, cfg: SubsetConfig, run_dir: str, common: list[str]) ->
         if not cfg.transductive:
             return None
         pool = p["clip"] if cfg.clip_filter else p["pool"]
-        argv = ["transductive", "--pool", pool, "--queries", p["task_test"], "--k", str(cfg.k), "--out", out]
+        argv = ["transductive", "--pool", pool, "--queries", p["task_test"], "--text", p["text"], "--k", str(cfg.k), "--out", out]
     elif name == "materialise":
         argv = ["materialise", "--decision", priming_source(cfg, run_dir), "--shards", p["shards"], "--out", out, "--format", cfg.materialise_format]
     elif name == "evaluate":
