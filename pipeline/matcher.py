@@ -48,6 +48,9 @@ for _c in range(256):
     elif chr(_c).isalnum():
         _LUT[_c] = ord(chr(_c).lower())
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+# Invisible format characters (zero-width spaces and joiners, bidi controls, soft hyphen, BOM)
+# are deleted, not treated as separators: "c\u200bat" reads "cat" on screen, so it matches.
+_INVISIBLE = dict.fromkeys([0x00AD, 0x180E, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065), 0xFEFF])
 
 
 def normalize_text(text: str) -> str:
@@ -55,21 +58,22 @@ def normalize_text(text: str) -> str:
 
     Used for class names and synonyms (and as the reference in tests).
     """
-    text = unicodedata.normalize("NFKC", html.unescape(text)).lower()
+    text = unicodedata.normalize("NFKC", html.unescape(text).translate(_INVISIBLE)).lower()
     return " ".join(t for t in _NON_WORD.split(text) if t)
 
 
 def _plural_forms(last: str) -> list[str]:
-    """The token itself and its simple English plurals."""
-    forms = [last]
+    """The token and its simple English plural: ``y`` after a consonant -> ``ies``;
+    ``s``/``x``/``z``/``ch``/``sh`` -> ``es``; ``o`` -> ``s`` or ``es``; else ``s``."""
     if not last or not last[-1].isalpha():
-        return forms  # "172s" is not a plural anyone writes for a number
-    forms.append(last + "s")
-    if last.endswith(("s", "x", "z", "ch", "sh", "o")):
-        forms.append(last + "es")
+        return [last]  # "172s" is not a plural anyone writes for a number
     if len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
-        forms.append(last[:-1] + "ies")
-    return forms
+        return [last, last[:-1] + "ies"]
+    if last.endswith(("s", "x", "z", "ch", "sh")):
+        return [last, last + "es"]
+    if last.endswith("o"):
+        return [last, last + "s", last + "es"]
+    return [last, last + "s"]
 
 
 @dataclass(frozen=True)
@@ -310,4 +314,4 @@ def _normalize_slow(text: str) -> str:
         text = html.unescape(text)
         if text.isascii():
             return text  # the byte table does the rest, as for any ASCII row
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text.translate(_INVISIBLE)).lower())

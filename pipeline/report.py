@@ -139,7 +139,7 @@ def collect_run(
         text_meta = _read_json(io.join(p["text"], "meta.json"))
         classnames = list(text_meta.get("classnames") or [])
     if not classnames:
-        cfg = _read_json(io.join(p["matches"], "config.json"))
+        cfg = _read_json(io.join(p["matches"], "_config.json"))
         if cfg.get("dataset"):
             from pipeline.config import load_dataset
 

@@ -331,10 +331,13 @@ def run_subset(
 
 
 def _stats(out: str) -> dict:
-    try:
-        return io.read_json(io.join(out, "stats.json"))
-    except (FileNotFoundError, OSError, ValueError):
-        return {}
+    """A stage's stats (the text filter's are ``_stats.json``, beside its parquet dataset)."""
+    for name in ("stats.json", "_stats.json"):
+        try:
+            return io.read_json(io.join(out, name))
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    return {}
 
 
 def _headline(stats: dict) -> str:

@@ -55,6 +55,14 @@ def _long_tail(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.char.add(np.char.add(a, b), c)
 
 
+def _plural(name: str) -> str:
+    if len(name) > 1 and name.endswith("y") and name[-2] not in "aeiou":
+        return name[:-1] + "ies"
+    if name.endswith(("x", "z", "ch", "sh")):
+        return name + "es"
+    return name + "s"
+
+
 def make_captions(
     n: int,
     classnames: Sequence[str] = (),
@@ -105,7 +113,7 @@ def make_captions(
             elif st == 1:
                 name = name.title()
             elif st == 2 and not name.endswith("s"):
-                name = name + "s"
+                name = _plural(name)
             w[int(insert_at[i])] = name
         sp = seps_l[s : s + ln]
         parts = [w[0]]

@@ -55,6 +55,9 @@ OPTIONAL_TYPES = {
     "pwatermark": pa.float64(),
 }
 SCAN_DIR = "_scan"
+# Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
+STATS = "_stats.json"
+CONFIG = "_config.json"
 
 
 @dataclass(frozen=True)
@@ -400,7 +403,7 @@ def run_text_filter(
     ``_SUCCESS``; the rerun reuses finished per-file scans.
     """
     if not io.prepare_output(out, overwrite):
-        return io.read_json(io.join(out, "stats.json"))
+        return io.read_json(io.join(out, STATS))
     t0 = time.perf_counter()
     spec = load_dataset(dataset)
     files = io.list_files(metadata, suffixes=(".parquet",))
@@ -475,8 +478,8 @@ def run_text_filter(
             "task_write_s": round(timings.get("write_s", 0.0), 3),
         },
     }
-    io.write_json(io.join(out, "config.json"), {"dataset": dataset, "metadata": metadata, **to_dict(cfg)})
-    io.write_json(io.join(out, "stats.json"), stats)
+    io.write_json(io.join(out, CONFIG), {"dataset": dataset, "metadata": metadata, **to_dict(cfg)})
+    io.write_json(io.join(out, STATS), stats)
     io.mark_done(out, {"rows": stats["rows_matched"]})
     io.remove(io.join(out, SCAN_DIR))
     log.info(

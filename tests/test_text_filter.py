@@ -1,0 +1,204 @@
+"""Issue 3: the text-filter stage end to end on a real local[2] Spark session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import io
+from pipeline.cli import main
+from pipeline.text_filter import TextFilterConfig, run_text_filter
+
+pytestmark = pytest.mark.usefixtures("spark")
+
+CLASSES = ["tabby cat", "golden retriever", "desert rose", "rose"]
+
+
+@pytest.fixture
+def dataset_yaml(tmp_path):
+    p = tmp_path / "pets.yaml"
+    p.write_text(
+        "name: Pets\nclasses: [tabby cat, golden retriever, desert rose, rose]\n"
+        "templates: ['a photo of a {}.']\nsynonyms:\n  golden retriever: [goldie]\n"
+    )
+    return str(p)
+
+
+KNOWN = [
+    ("http://a.test/1.jpg", "My Tabby-Cat sleeping", "tabby cat"),
+    ("http://a.test/2.jpg", "two golden retrievers", "golden retriever"),
+    ("http://a.test/3.jpg", "Desert Rose (Adenium)", "desert rose"),
+    ("http://a.test/4.jpg", "a red rose", "rose"),
+    ("http://a.test/5.jpg", "tabby cat and rose", None),  # ambiguous
+    ("http://a.test/6.jpg", "catalog page", None),
+    ("http://a.test/7.jpg", None, None),
+    ("http://a.test/8.jpg", "", None),
+    ("http://a.test/9.jpg", "goldie at the beach", "golden retriever"),
+]
+
+
+def _write(tmp_path, name, rows, schema="laion2b"):
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    urls = [r[0] for r in rows]
+    caps = [r[1] for r in rows]
+    pq.write_table(laion_table(len(rows), schema=schema, urls=urls, captions=caps), d / "part-0.parquet")
+    return str(d)
+
+
+@pytest.mark.parametrize("schema", ["laion2b", "relaion"])
+def test_filter_end_to_end_known_answers(tmp_path, dataset_yaml, schema):
+    meta = _write(tmp_path, "in", KNOWN, schema)
+    out = str(tmp_path / "out")
+    assert main(["filter", "--dataset", dataset_yaml, "--metadata", meta, "--out", out]) == 0
+    table = ds.dataset(out).to_table().sort_by("url")
+    got = {r["url"]: r for r in table.to_pylist()}
+    want = {u: c for u, _, c in KNOWN if c}
+    assert {u: r["class_name"] for u, r in got.items()} == want
+    for u, r in got.items():
+        assert r["uid"] == io.make_uid(u, r["caption"]) and r["label"] == CLASSES.index(r["class_name"])
+        assert {"width", "height", "similarity", "punsafe", "pwatermark"} <= set(r)
+    assert got["http://a.test/9.jpg"]["matched_term"] == "goldie"
+    stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert stats["rows_scanned"] == len(KNOWN) and stats["rows_matched"] == len(want)
+    assert stats["dropped"]["ambiguous"] == 1 and stats["dropped"]["null_or_empty_caption"] == 2
+    assert stats["per_class"]["rose"] == 1
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    # A rerun on complete output does nothing (files untouched) unless --overwrite.
+    before = os.path.getmtime(os.path.join(out, "_stats.json"))
+    assert main(["filter", "--dataset", dataset_yaml, "--metadata", meta, "--out", out]) == 0
+    assert os.path.getmtime(os.path.join(out, "_stats.json")) == before
+
+
+def test_keep_ambiguous_and_row_filters(tmp_path, dataset_yaml):
+    meta = _write(tmp_path, "in", KNOWN)
+    cfg = TextFilterConfig(keep_ambiguous=True)
+    stats = run_text_filter(cfg, dataset_yaml, meta, str(tmp_path / "amb"))
+    t = ds.dataset(str(tmp_path / "amb")).to_table()
+    amb = t.filter(pa.compute.equal(t.column("url"), "http://a.test/5.jpg"))
+    assert sorted(amb.column("class_name").to_pylist()) == ["rose", "tabby cat"]
+    assert stats["rows_matched"] == 7
+    stats = run_text_filter(TextFilterConfig(min_width=10**6), dataset_yaml, meta, str(tmp_path / "small"))
+    assert stats["rows_matched"] == 0 and stats["dropped"]["too_small"] == 5
+
+
+def test_cap_is_seeded_sample_and_dedup(tmp_path, dataset_yaml):
+    rows = [(f"http://a.test/{i}.jpg", f"photo {i} of a tabby cat", "tabby cat") for i in range(40)]
+    rows += [("http://a.test/0.jpg", "same url, another tabby cat caption", "tabby cat")]
+    meta = _write(tmp_path, "in", rows)
+    uids = lambda d: sorted(ds.dataset(d).to_table().column("uid").to_pylist())  # noqa: E731
+    s1 = run_text_filter(TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "a"))
+    run_text_filter(TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "b"))
+    run_text_filter(TextFilterConfig(max_per_class=10, seed=2), dataset_yaml, meta, str(tmp_path / "c"))
+    assert s1["rows_matched"] == 10 and s1["dropped"]["duplicate_url"] == 1 and s1["dropped"]["over_class_cap"] == 30
+    assert uids(str(tmp_path / "a")) == uids(str(tmp_path / "b"))
+    assert uids(str(tmp_path / "a")) != uids(str(tmp_path / "c"))
+    # Not the first rows in file order.
+    first = sorted(io.make_uid(u, c) for u, c, _ in rows[:10])
+    assert uids(str(tmp_path / "a")) != first
+
+
+def test_missing_column_fails_naming_file_and_column(tmp_path, dataset_yaml, caplog):
+    d = tmp_path / "bad"
+    d.mkdir()
+    pq.write_table(pa.table({"URL": ["http://a.test/x.jpg"], "CAPTION_TEXT": ["tabby cat"]}), d / "p.parquet")
+    assert main(["filter", "--dataset", dataset_yaml, "--metadata", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "p.parquet" in caplog.text and "'caption'" in caption_text(caplog)
+    # A column mapping fixes it.
+    assert main(["filter", "--dataset", dataset_yaml, "--metadata", str(d), "--out", str(tmp_path / "o"), "--set", "filter.columns.caption=[CAPTION_TEXT]"]) == 0
+
+
+def caption_text(caplog):
+    return caplog.text
+
+
+def test_corrupt_file_fails_or_is_skipped_and_rerun_resumes(tmp_path, dataset_yaml, caplog):
+    meta = _write(tmp_path, "in", KNOWN)
+    (tmp_path / "in" / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    out = str(tmp_path / "out")
+    assert main(["filter", "--dataset", dataset_yaml, "--metadata", meta, "--out", out]) == 2
+    assert "part-1.parquet" in caplog.text
+    assert not io.is_done(out)
+    stats = run_text_filter(TextFilterConfig(skip_bad_files=True), dataset_yaml, meta, out)
+    assert list(stats["bad_files"]) == [str(tmp_path / "in" / "part-1.parquet")]
+    assert stats["rows_matched"] == 5 and io.is_done(out)
+    # The same input minus the bad file, from scratch, gives the same rows.
+    os.unlink(tmp_path / "in" / "part-1.parquet")
+    run_text_filter(TextFilterConfig(), dataset_yaml, meta, str(tmp_path / "clean"))
+    assert ds.dataset(out).to_table() == ds.dataset(str(tmp_path / "clean")).to_table()
+
+
+def test_resume_after_failed_run_reuses_scans(tmp_path, dataset_yaml):
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        pq.write_table(laion_table(300, CLASSES, seed=i), d / f"p{i}.parquet")
+    out = str(tmp_path / "out")
+    run_text_filter(TextFilterConfig(), dataset_yaml, str(d), str(tmp_path / "clean"))
+    # Simulate a run killed after scanning: scan parts exist, no final output, no _SUCCESS.
+    from pipeline.text_filter import scan_file
+
+    io.makedirs(out)
+    files = io.list_files(str(d), suffixes=(".parquet",))
+    scan_file(0, files[0], out, TextFilterConfig(), CLASSES, {"golden retriever": ["goldie"]})
+    run_text_filter(TextFilterConfig(), dataset_yaml, str(d), out)
+    assert ds.dataset(out).to_table() == ds.dataset(str(tmp_path / "clean")).to_table()
+    assert not os.path.exists(os.path.join(out, "_scan"))
+
+
+def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
+    from pipeline.synthetic import laion_table
+
+    table = laion_table(len(KNOWN), schema="relaion", urls=[r[0] for r in KNOWN], captions=[r[1] for r in KNOWN])
+    io.write_parquet(table, io.join(s3_bucket, "laion", "part-0.parquet"))
+    out = io.join(s3_bucket, "matches")
+    stats = run_text_filter(TextFilterConfig(), dataset_yaml, io.join(s3_bucket, "laion"), out)
+    assert stats["rows_matched"] == 5 and io.is_done(out)
+    fs, path = io.url_to_fs(out)
+    assert ds.dataset(path, filesystem=fs).to_table().num_rows == 5
+
+
+def test_hostile_captions_never_crash(tmp_path, dataset_yaml):
+    rows = [
+        ("http://a.test/1.jpg", "tabby cat " + "x" * 5_000_000, None),  # megabytes long
+        ("http://a.test/2.jpg", "\u202egolden retriever\u202c", "golden retriever"),
+        ("http://a.test/3.jpg", "tabby\u200bcat", None),
+        ("http://a.test/4.jpg", "\x00\x01 rose \x7f", "rose"),
+    ]
+    d = tmp_path / "in"
+    d.mkdir()
+    # Invalid UTF-8 bytes in a binary caption column.
+    t = pa.table({"url": [r[0] for r in rows] + ["http://a.test/5.jpg"], "caption": pa.array([r[1].encode() for r in rows] + [b"\xff\xfe tabby cat \xc3"], pa.binary())})
+    pq.write_table(t, d / "p.parquet")
+    stats = run_text_filter(TextFilterConfig(), dataset_yaml, str(d), str(tmp_path / "out"))
+    got = {r["url"]: r["class_name"] for r in ds.dataset(str(tmp_path / "out")).to_table().to_pylist()}
+    assert got == {"http://a.test/2.jpg": "golden retriever", "http://a.test/4.jpg": "rose", "http://a.test/5.jpg": "tabby cat"}
+    assert stats["dropped"]["caption_too_long"] == 1
+
+
+def test_spark_submit_job(tmp_path, dataset_yaml):
+    """jobs/text_filter.py under the spark-submit that pyspark ships, --master local[2]."""
+    import pyspark
+
+    meta = _write(tmp_path, "in", KNOWN)
+    out = str(tmp_path / "out")
+    submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    r = subprocess.run(
+        [submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false", os.path.join(repo, "jobs", "text_filter.py"), "--dataset", dataset_yaml, "--metadata", meta, "--out", out],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert io.is_done(out) and ds.dataset(out).to_table().num_rows == 5
