@@ -260,6 +260,10 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
             raise io.InputError(f"{out}: a previous run downloaded a different list of matches; rerun with --overwrite")
     log.info("download: %d URLs -> %s (%d processes x %d threads)", allowed.num_rows, out, cfg.processes, cfg.threads)
     if allowed.num_rows:
+        # img2dataset's incremental mode reads every top-level *.json as "<shard>_stats.json";
+        # ours from an interrupted run would crash it. They are rewritten below.
+        for name in ("stats.json", "config.json"):
+            io.remove(io.join(out, name))
         run_img2dataset(cfg, url_list, out)
     manifest = build_manifest(out, allowed, refused)
     io.write_parquet(manifest, io.join(out, MANIFEST))
