@@ -1,0 +1,208 @@
+"""Issue 5: embeddings of shards, task images and prompts with a tiny open_clip model."""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline import embeddings as E
+from pipeline import io
+from pipeline.embed import EmbedConfig, embed_shards, embed_task, embed_text
+from pipeline.imageserver import fashion_mnist_bytes, skimage_bytes
+
+DATASET = "FashionMNIST"
+
+
+@pytest.fixture
+def cfg(tiny_model_name):
+    return EmbedConfig(model=tiny_model_name, pretrained="none", device="cpu", batch_size=7, workers=0)
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tf:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, _io.BytesIO(data))
+
+
+def make_shards(d, n_shards=2, per=9, bad=True):
+    os.makedirs(d, exist_ok=True)
+    expect = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per):
+            uid = f"{s:02d}{i:030d}"
+            key = f"{s:05d}{i:04d}"
+            img = fashion_mnist_bytes("train", s * per + i, "jpg", 64) if i % 4 else skimage_bytes("chelsea")
+            samples += [(f"{key}.jpg", img), (f"{key}.txt", b"caption"), (f"{key}.json", json.dumps({"uid": uid, "label": i % 3}).encode())]
+            expect.append((uid, i % 3))
+        if bad:
+            samples += [("bad01.jpg", b"\xff\xd8 not really a jpeg"), ("bad01.json", json.dumps({"uid": f"bad{s}", "label": 1}).encode())]
+            samples += [("../../evil.json", json.dumps({"uid": f"noimg{s}", "label": 0}).encode())]
+        _tar(os.path.join(d, f"{s:05d}.tar"), samples)
+    return expect
+
+
+def test_pool_embeddings_unit_aligned_and_bad_images_counted(tmp_path, cfg):
+    expect = make_shards(str(tmp_path / "shards"))
+    out = str(tmp_path / "emb")
+    stats = embed_shards(cfg, str(tmp_path / "shards"), out)
+    uids, labels, feats = E.load(out)
+    assert [(u, int(y)) for u, y in zip(uids, labels)] == expect
+    assert feats.dtype == np.float16 and feats.shape == (len(expect), 64)
+    np.testing.assert_allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert stats["embedded"] == len(expect) and stats["failed"] == 4
+    failed = {u for u, _ in stats["failures"]}
+    assert {"bad0", "bad1", "noimg0", "noimg1"} == failed
+    meta = E.read_meta(out)
+    assert meta["untrained"] is True and meta["model"] == cfg.model and meta["embed_dim"] == 64
+    assert not any(os.path.exists(p) for p in ("evil.json", str(tmp_path / "evil.json")))
+
+
+def test_reruns_and_batch_sizes_agree_and_resume_skips_done(tmp_path, cfg):
+    make_shards(str(tmp_path / "shards"), bad=False)
+    a = str(tmp_path / "a")
+    embed_shards(cfg, str(tmp_path / "shards"), a)
+    from dataclasses import replace
+
+    embed_shards(replace(cfg, batch_size=64), str(tmp_path / "shards"), str(tmp_path / "b"))
+    _, _, fa = E.load(a)
+    _, _, fb = E.load(str(tmp_path / "b"))
+    np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), atol=2e-3)
+    # Resume: drop one shard's marker and _SUCCESS; only that shard is recomputed.
+    kept = os.path.getmtime(os.path.join(a, "00000.npy"))
+    os.unlink(os.path.join(a, "00001.done"))
+    os.unlink(os.path.join(a, "_SUCCESS"))
+    embed_shards(cfg, str(tmp_path / "shards"), a)
+    assert os.path.getmtime(os.path.join(a, "00000.npy")) == kept
+    _, _, fc = E.load(a)
+    np.testing.assert_array_equal(fa, fc)
+
+
+def test_checkpoint_round_trip_and_code_pickle_refused(tmp_path, cfg):
+    import torch
+
+    from pipeline.embed import load_model
+
+    make_shards(str(tmp_path / "shards"), n_shards=1, bad=False)
+    lm = load_model(cfg)
+    ckpt = str(tmp_path / "model.pt")
+    torch.save(lm.model.state_dict(), ckpt)
+    from dataclasses import replace
+
+    embed_shards(cfg, str(tmp_path / "shards"), str(tmp_path / "a"))
+    embed_shards(replace(cfg, pretrained="", checkpoint=ckpt, seed=99), str(tmp_path / "shards"), str(tmp_path / "b"))
+    np.testing.assert_array_equal(E.load(str(tmp_path / "a"))[2], E.load(str(tmp_path / "b"))[2])
+    assert len(E.read_meta(str(tmp_path / "b"))["checkpoint_sha256"]) == 64
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = str(tmp_path / "evil.pt")
+    with open(evil, "wb") as f:
+        pickle.dump({"visual.proj": Evil()}, f)
+    with pytest.raises(io.InputError, match="refused"):
+        load_model(replace(cfg, pretrained="", checkpoint=evil))
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_and_offline_tag_say_what_to_do(cfg):
+    from dataclasses import replace
+
+    from pipeline.embed import load_model
+
+    with pytest.raises(io.InputError, match="does not exist"):
+        load_model(replace(cfg, pretrained="", checkpoint="/nonexistent/model.pt"))
+    with pytest.raises(io.InputError, match="unknown open_clip model"):
+        load_model(replace(cfg, model="no-such-model"))
+
+
+def test_task_imagefolder_and_text(tmp_path, cfg):
+    from pipeline.demo import write_task_imagefolder
+
+    root = str(tmp_path / "task")
+    write_task_imagefolder(root, train_per_class=2, test_per_class=3)
+    out = str(tmp_path / "test")
+    embed_task(cfg, DATASET, "test", root, out)
+    uids, labels, feats = E.load(out)
+    assert len(uids) == 30 and sorted(set(labels.tolist())) == list(range(10))
+    assert uids[0] == io.make_uid(f"task:test/{io.read_parquet(io.join(out, '00000.parquet')).column('path')[0]}", "")
+    train = str(tmp_path / "train")
+    embed_task(cfg, DATASET, "train", root, train)
+    assert not set(E.load(train)[0]) & set(uids)
+    text = str(tmp_path / "text")
+    embed_text(cfg, DATASET, text)
+    te = E.load_text(text)
+    assert te.num_classes == 10 and len(te.prompts) == 10 * 4 and te.heads().shape == (10, 64)
+    assert te.prompts[0] == "a photo of a T-shirt."
+
+
+def test_task_torchvision_pets_layout(tmp_path, cfg):
+    """OxfordIIITPet as torchvision lays it out: images/ and annotations/{trainval,test}.txt."""
+    from pipeline.tasks import list_task_images
+    from pipeline.config import load_dataset
+
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    spec = load_dataset("OxfordIIITPet")
+    lines = {"trainval": [], "test": []}
+    for i in range(6):
+        name = f"{spec.classes[i % 3].replace(' ', '_')}_{i}"
+        (base / "images" / f"{name}.jpg").write_bytes(fashion_mnist_bytes("test", i))
+        lines["trainval" if i < 4 else "test"].append(f"{name} {i % 3 + 1} 1 1")
+    for k, v in lines.items():
+        (base / "annotations" / f"{k}.txt").write_text("\n".join(v) + "\n")
+    items = list_task_images(spec, str(tmp_path), "train")
+    assert [it.label for it in items] == [0, 1, 2, 0]
+    out = str(tmp_path / "emb")
+    embed_task(cfg, "OxfordIIITPet", "test", str(tmp_path), out)
+    assert E.load(out)[1].tolist() == [1, 2]
+
+
+def test_sun397_split_is_seeded_and_disjoint(tmp_path):
+    from pipeline.config import load_dataset
+    from pipeline.tasks import list_task_images
+
+    spec = load_dataset("SUN397")
+    base = tmp_path / "SUN397"
+    names = []
+    for i, c in enumerate(spec.classes):
+        rel = f"/{c[0].lower()}/{c.replace(' ', '_')}"
+        names.append(rel)
+        if i < 3:
+            (base / rel.lstrip("/")).mkdir(parents=True)
+            for j in range(6):
+                (base / rel.lstrip("/") / f"sun_{j}.jpg").write_bytes(b"x")
+    (base / "ClassName.txt").write_text("\n".join(names) + "\n")
+    train = list_task_images(spec, str(tmp_path), "train")
+    test = list_task_images(spec, str(tmp_path), "test")
+    assert len(train) == len(test) == 9
+    assert not {t.rel for t in train} & {t.rel for t in test}
+    assert [t.rel for t in train] == [t.rel for t in list_task_images(spec, str(tmp_path), "train")]
+
+
+def test_embed_reads_shards_from_s3(tmp_path, cfg, s3_bucket):
+    expect = make_shards(str(tmp_path / "shards"), n_shards=1, bad=False)
+    fs, _ = io.url_to_fs(s3_bucket)
+    fs.put(str(tmp_path / "shards" / "00000.tar"), s3_bucket + "/shards/00000.tar")
+    out = io.join(s3_bucket, "emb")
+    embed_shards(cfg, io.join(s3_bucket, "shards"), out)
+    assert [u for u, _ in expect] == list(E.load(out)[0])
+
+
+def test_download_flag_fails_clearly_offline(tmp_path, monkeypatch):
+    from pipeline.tasks import torchvision_download
+
+    with pytest.raises(io.InputError, match="download"):
+        torchvision_download("imagefolder", str(tmp_path), "train")
