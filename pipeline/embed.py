@@ -243,7 +243,12 @@ def _shard_batches(shards: list[tuple[str, str]], preprocess, batch_size: int):
 
 
 def _iter_shard_batches(shards, preprocess, batch_size):
-    """Read, decode and batch samples; a bad image is a recorded error, not a failed shard."""
+    """Read, decode and batch samples; a bad image is a recorded error, not a failed shard.
+
+    A shard's samples are sorted by uid before batching: the downloader's threads write them
+    in completion order, and sorting makes rows (and batch composition, hence every float)
+    the same on every run.
+    """
     import json
 
     import torch
@@ -251,10 +256,9 @@ def _iter_shard_batches(shards, preprocess, batch_size):
     info = torch.utils.data.get_worker_info()
     mine = shards if info is None else shards[info.id :: info.num_workers]
     for name, url in mine:
-        uids, labels, tensors, errors = [], [], [], []
+        items, errors = [], []
         try:
-            samples = iter_tar_samples(url)
-            for key, sample in samples:
+            for key, sample in iter_tar_samples(url):
                 meta = {}
                 if "json" in sample:
                     try:
@@ -266,18 +270,22 @@ def _iter_shard_batches(shards, preprocess, batch_size):
                 if ext is None:
                     errors.append((uid, "no image in sample"))
                     continue
-                try:
-                    tensors.append(_decode(preprocess, sample[ext]))
-                except Exception as e:  # a bad image is a counted row, not a failed shard
-                    errors.append((uid, f"{type(e).__name__}: {e}"[:200]))
-                    continue
-                uids.append(uid)
-                labels.append(int(meta.get("label", -1)))
-                if len(tensors) == batch_size:
-                    yield name, uids, labels, torch.stack(tensors), errors, False
-                    uids, labels, tensors, errors = [], [], [], []
+                items.append((uid, int(meta.get("label", -1)), sample[ext]))
         except (tarfile.TarError, OSError, EOFError) as e:
             errors.append(("<shard>", f"unreadable tar: {type(e).__name__}: {e}"[:200]))
+        items.sort(key=lambda x: x[0])
+        uids, labels, tensors = [], [], []
+        for uid, label, data in items:
+            try:
+                tensors.append(_decode(preprocess, data))
+            except Exception as e:  # a bad image is a counted row, not a failed shard
+                errors.append((uid, f"{type(e).__name__}: {e}"[:200]))
+                continue
+            uids.append(uid)
+            labels.append(label)
+            if len(tensors) == batch_size:
+                yield name, uids, labels, torch.stack(tensors), errors, False
+                uids, labels, tensors, errors = [], [], [], []
         yield name, uids, labels, torch.stack(tensors) if tensors else None, errors, True
 
 

@@ -2,7 +2,7 @@
 
 An embedding directory holds, per shard ``S`` (zero-padded, sorted order is row order)::
 
-    S.npy        float16 [N, D], rows L2-normalised
+    S.npy        float16 [N, D], rows L2-normalised (pool shards: rows sorted by uid)
     S.parquet    uid (string), label (int32), plus optional extra columns
     S.done       per-shard completion marker, written after the two files above
     meta.json    model name, pretrained tag or checkpoint hash, preprocessing, dim, ...

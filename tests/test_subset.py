@@ -1,0 +1,203 @@
+"""Issues 8 and 9: the whole pipeline through `primer demo` / `primer subset`, resume,
+faults, locks, determinism, the notebook and the HTML report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import io
+from pipeline.demo import run_demo
+from pipeline.subset import STAGE_OUT, STAGES, SourceError, SubsetConfig, run_subset
+
+ROWS = 700
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def port():
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, port, spark):
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    assert run_demo(out, port=port, rows=ROWS) == 0
+    return out
+
+
+def _bytes(run, stage, name):
+    with open(os.path.join(run, STAGE_OUT[stage], name), "rb") as f:
+        return f.read()
+
+
+def test_demo_runs_every_stage(demo_run):
+    for stage in STAGES:
+        out = os.path.join(demo_run, STAGE_OUT[stage])
+        assert os.path.exists(out), stage
+        if stage != "report":
+            assert io.is_done(out), stage
+    stats = io.read_json(os.path.join(demo_run, "matches", "_stats.json"))
+    assert stats["rows_scanned"] == ROWS and stats["rows_matched"] > 300
+    shards = io.read_json(os.path.join(demo_run, "shards", "stats.json"))
+    assert shards["success"] > 300 and shards["failures_by_reason"]
+    results = _bytes(demo_run, "evaluate", "results.md").decode()
+    assert "zero-shot CLIP" in results and "transductive priming" in results and "meaningless" in results
+    assert os.path.exists(os.path.join(demo_run, "config.json"))
+
+
+def test_rerun_skips_everything(demo_run, port):
+    calls = []
+    from pipeline.demo import demo_overrides
+
+    def spy(argv):
+        calls.append(argv)
+        return 0
+
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=os.path.join(demo_run, "inputs", "laion"), data_root=os.path.join(demo_run, "inputs", "task"), run_dir=demo_run, model="primer-tiny-vit", pretrained="none")
+    results = run_subset(cfg, overrides=demo_overrides(), run_stage=spy)
+    assert calls == [] and {r.status for r in results} == {"skipped"}
+
+
+def test_second_run_from_scratch_is_byte_identical(demo_run, port, tmp_path, spark):
+    again = str(tmp_path / "again")
+    assert run_demo(again, port=port, rows=ROWS) == 0
+    for stage, name in (("clip-filter", "decision.parquet"), ("transductive", "decision.parquet"), ("evaluate", "results.md")):
+        assert _bytes(demo_run, stage, name) == _bytes(again, stage, name), (stage, name)
+    a = io.read_parquet(os.path.join(demo_run, "matches")).sort_by("uid")
+    b = io.read_parquet(os.path.join(again, "matches")).sort_by("uid")
+    assert a == b
+
+
+def test_resume_after_interrupted_embed_stage(demo_run, port, tmp_path, spark):
+    run = str(tmp_path / "resumed")
+    shutil.copytree(demo_run, run)
+    os.unlink(os.path.join(run, "_LOCK"))
+    # As if killed inside the embed stage: one pool shard unfinished, later stages never ran.
+    pool = os.path.join(run, "emb", "pool")
+    done = sorted(n for n in os.listdir(pool) if n.endswith(".done"))
+    os.unlink(os.path.join(pool, done[-1]))
+    os.unlink(os.path.join(pool, "_SUCCESS"))
+    for stage in STAGES[STAGES.index("clip-filter") :]:
+        shutil.rmtree(os.path.join(run, STAGE_OUT[stage]))
+    assert run_demo(run, port=port, rows=ROWS) == 0
+    for stage, name in (("transductive", "decision.parquet"), ("evaluate", "results.md")):
+        assert _bytes(demo_run, stage, name) == _bytes(run, stage, name)
+
+
+def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path):
+    run = str(tmp_path / "failing")
+    shutil.copytree(demo_run, run)
+    os.unlink(os.path.join(run, "_LOCK"))
+    shutil.rmtree(os.path.join(run, "decisions"))
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=os.path.join(run, "inputs", "laion"), data_root=os.path.join(run, "inputs", "task"), run_dir=run, model="primer-tiny-vit", pretrained="none")
+    with pytest.raises(RuntimeError, match="clip-filter"):
+        run_subset(cfg, run_stage=lambda argv: 1 if argv[0] == "clip-filter" else 0)
+    assert io.is_done(os.path.join(run, "emb", "pool")) and not os.path.exists(os.path.join(run, "decisions", "clip", "_SUCCESS"))
+
+
+def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
+    from pipeline.cli import main
+
+    run = str(tmp_path / "run")
+    task = tmp_path / "task"
+    task.mkdir()
+    code = main(["subset", "--dataset", "FashionMNIST", "--metadata", str(tmp_path / "no-such-laion"), "--data-root", str(task), "--run-dir", run, "--pretrained", "none", "--model", "primer-tiny-vit"])
+    assert code == 1 and "LAION metadata" in caplog.text and "LAION=" in caplog.text
+    assert not os.path.exists(run)
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(tmp_path / "missing-task"), run_dir=run, pretrained="none", model="primer-tiny-vit")
+    with pytest.raises(SourceError, match="DATA_ROOT"):
+        run_subset(cfg, from_stage="embed-task-train", to_stage="embed-task-train")
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(task), run_dir=run, pretrained="", checkpoint=str(tmp_path / "nope.pt"), model="primer-tiny-vit")
+    with pytest.raises(SourceError, match="checkpoint"):
+        run_subset(cfg, from_stage="embed-pool", to_stage="embed-pool")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(task), run_dir=run, model="ViT-B-16", pretrained="laion2b_s34b_b88k")
+    with pytest.raises(SourceError, match="offline"):
+        run_subset(cfg, from_stage="embed-text", to_stage="embed-text")
+    assert not os.path.exists(run)
+
+
+def test_second_run_on_same_directory_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(tmp_path), run_dir=run, pretrained="none", model="primer-tiny-vit")
+    with io.RunLock(run):
+        with pytest.raises(io.LockedError, match="in use by another run"):
+            run_subset(cfg, from_stage="report", to_stage="report", run_stage=lambda argv: 0)
+    # The lock is released with its holder: now the run proceeds.
+    run_subset(cfg, from_stage="report", to_stage="report", run_stage=lambda argv: 0)
+
+
+def test_killed_demo_resumes_to_the_same_outputs(demo_run, port, tmp_path):
+    """SIGKILL `primer demo` at seeded random moments; each rerun ends where a clean run does."""
+    import random
+
+    rng = random.Random(7)
+    run = str(tmp_path / "killed")
+    exe = os.path.join(os.path.dirname(sys.executable), "primer")
+    cmd = [exe, "demo", "--out", run, "--port", str(port), "--rows", str(ROWS)]
+    for delay in sorted(rng.uniform(5, 25) for _ in range(2)):
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # Nothing half-written is visible: every complete-looking output is really complete.
+        for stage in STAGES[:-1]:
+            out = os.path.join(run, STAGE_OUT[stage])
+            if os.path.exists(os.path.join(out, "_SUCCESS")):
+                assert not any(n.startswith(".") and ".tmp-" in n for n in os.listdir(out))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage, name in (("clip-filter", "decision.parquet"), ("transductive", "decision.parquet"), ("evaluate", "results.md")):
+        assert _bytes(demo_run, stage, name) == _bytes(run, stage, name), stage
+
+
+def test_notebook_executes_on_demo_output(demo_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    nb = nbformat.read(os.path.join(repo, "notebooks", "inspect_subset.ipynb"), as_version=4)
+    monkeypatch.setenv("PRIMER_RUN_DIR", demo_run)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": repo}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_report_lists_every_class(demo_run):
+    from pipeline.imageserver import FASHION_CLASSES
+
+    html = open(os.path.join(demo_run, "report", "index.html"), encoding="utf-8").read()
+    for c in FASHION_CLASSES:
+        assert f": {c} <small>" in html
+    assert "data:image/jpeg;base64," in html and "meaningless" in html
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make install adds it)")
+def test_report_renders_in_headless_chromium(demo_run, tmp_path):
+    from pipeline.imageserver import FASHION_CLASSES
+
+    page = os.path.join(demo_run, "report", "index.html")
+    r = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{page}"],  # fmt: skip
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = r.stdout
+    assert all(f": {c} <small>" in dom for c in FASHION_CLASSES)
+    console_errors = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
+    assert not console_errors
