@@ -270,7 +270,7 @@ def _md_table_to_html(md: str) -> str:
             if s.startswith("#"):
                 out.append(f"<h3>{html.escape(s.lstrip('#').strip())}</h3>")
             elif s:
-                out.append(f"<p>{html.escape(s)}</p>")
+                out.append(f"<p>{html.escape(s.replace('**', ''))}</p>")
     flush()
     return "\n".join(out)
 
@@ -328,7 +328,7 @@ def render_html(summary: RunSummary) -> str:
             )
             parts.append(
                 f"<div class='card {'kept' if e.kept else 'dropped'}'>{_thumb(e.image)}"
-                f"<div>{esc(e.caption[:120])}</div><div><b>term:</b> {esc(e.matched_term)}</div><div>{why or esc(e.status)}</div></div>"
+                f"<div>{esc(html.unescape(e.caption)[:120])}</div><div><b>term:</b> {esc(e.matched_term)}</div><div>{why or esc(e.status)}</div></div>"
             )
         parts.append("</div>")
     if summary.stats:
