@@ -1,10 +1,13 @@
 """Stage 5: apply a decision: copy the kept images out of the download shards.
 
-Formats: ``webdataset`` (``{00000..}.tar`` with jpg/txt/json per sample) or ``imagefolder``
-(``<label:04d>_<class>/<uid>.<ext>``); both with ``manifest.parquet`` (uid, label, class_name,
-caption, score, reason) and ``_SUCCESS``. Input member names are untrusted: samples are read
-as data from the tar stream and written under names built from their uid, never extracted by
-their own names, so ``../`` in a shard cannot escape the output.
+Formats: ``webdataset`` (``{00000..}.tar`` with jpg/txt/json per sample, key = uid) or
+``imagefolder`` (``<label:04d>_<class>/<uid>.<ext>``, ext as downloaded, normally jpg); both
+with ``manifest.parquet`` (uid, label, class_name, caption, score, reason, path), ``config.json``,
+``stats.json`` and ``_SUCCESS`` last. Input member names are untrusted: samples are read as data
+from the tar stream and written under names built from their uid (checked to be a plain
+token) and a sanitised class name, never extracted by their own names, so ``../`` in a shard
+cannot escape the output. Output tars have fixed member metadata (mtime 0, mode 0644), so the
+same decision and shards give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import re
 import sys
 import tarfile
 import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import embeddings as E
@@ -27,113 +35,263 @@ from pipeline.config import stage_config
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FORMATS = ("webdataset", "imagefolder")
+_UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float32()),
+        ("reason", pa.string()),
+        ("path", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What a decision says about one kept uid."""
+
+    label: int
+    score: float
+    reason: str
 
 
 def safe_name(text: str, max_len: int = 80) -> str:
-    """A class name as a single, portable path component."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "class"
+    """A class name as one portable path component: accents folded to ASCII, anything but
+    letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``, no leading dots (so never
+    ``..``), at most ``max_len`` characters, ``class`` when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_text).strip("._") or "class"
     return s[:max_len]
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # deterministic bytes for the same input
-    info.mode = 0o644
-    tf.addfile(info, _io.BytesIO(data))
+def read_choice(url: str) -> dict[str, Chosen]:
+    """``uid -> Chosen`` for the kept rows of a decision directory. An embedding directory
+    (no filter ran) counts as keeping every row, with score NaN and reason ``pool``.
+
+    Raises :class:`pipeline.io.InputError` when ``url`` is neither complete decision nor
+    complete embeddings.
+    """
+    if E.is_decision(url):
+        t = E.read_decision(url)
+        t = t.filter(t.column("kept"))
+        return {
+            u: Chosen(int(lb), float(s) if s is not None else float("nan"), str(r))
+            for u, lb, s, r in zip(
+                *(t.column(c).to_pylist() for c in ("uid", "label", "score", "reason"))
+            )
+        }
+    if io.is_done(url) and io.exists(io.join(url, E.META)):
+        uids, labels, _ = E.load(url)
+        return {
+            u: Chosen(int(lb), float("nan"), "pool")
+            for u, lb in zip(uids.tolist(), labels.tolist())
+        }
+    raise io.InputError(
+        f"{url} is neither a complete decision nor complete embeddings (no {io.SUCCESS} / {E.DECISION})"
+    )
 
 
-def run_materialise(decision: str, shards: str, out: str, fmt: str = "webdataset", samples_per_shard: int = 10000, overwrite: bool = False) -> dict:
-    """Write the kept images of ``decision`` from ``shards`` to ``out``; returns stats."""
+class _ShardWriter:
+    """Webdataset shards ``{00000..}.tar`` under ``out``, each written atomically as a stream."""
+
+    def __init__(self, out: str, per_shard: int):
+        self.out, self.per_shard = out, per_shard
+        self.shard, self.n = 0, 0
+        self._cm = None
+        self._fh: IO | None = None
+        self._tar: tarfile.TarFile | None = None
+
+    def _open(self) -> None:
+        self._cm = io.atomic_open(io.join(self.out, f"{self.shard:05d}.tar"))
+        self._fh = self._cm.__enter__()
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, uid: str, files: list[tuple[str, bytes]]) -> str:
+        """Add one sample; returns its path ``<shard>.tar/<uid>.<first ext>``."""
+        if self._tar is None:
+            self._open()
+        for ext, data in files:
+            info = tarfile.TarInfo(f"{uid}.{ext}")
+            info.size = len(data)
+            info.mtime = 0  # same bytes for the same input
+            info.mode = 0o644
+            self._tar.addfile(info, _io.BytesIO(data))  # type: ignore[union-attr]
+        path = f"{self.shard:05d}.tar/{uid}.{files[0][0]}"
+        self.n += 1
+        if self.n >= self.per_shard:
+            self.close()
+        return path
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        cm, self._tar, self._fh, self._cm = self._cm, None, None, None
+        if error is None:
+            cm.__exit__(None, None, None)  # type: ignore[union-attr]
+            self.shard, self.n = self.shard + 1, 0
+        else:  # drop the partial shard
+            cm.__exit__(type(error), error, error.__traceback__)  # type: ignore[union-attr]
+
+
+def run_materialise(
+    decision: str,
+    shards: str,
+    out: str,
+    fmt: str = "webdataset",
+    samples_per_shard: int = 10000,
+    overwrite: bool = False,
+) -> dict:
+    """Write the kept images of ``decision`` (a decision or, to keep everything, an embedding
+    directory) found in the download ``shards`` to ``out`` in ``fmt``; returns the stats.
+
+    Samples are taken in shard order, each uid once; the decision's label is authoritative,
+    the class name and caption come from the shard. Samples skipped are counted by reason
+    (``bad_json``, ``no_image``, ``duplicate``); kept uids absent from the shards are counted
+    as ``missing_from_shards``. Skips a complete ``out`` unless ``overwrite``. Raises
+    :class:`pipeline.io.InputError` for a bad format, decision or shard location.
+    """
     from tqdm import tqdm
 
     from pipeline.embed import iter_tar_samples
 
-    if fmt not in ("webdataset", "imagefolder"):
+    if fmt not in FORMATS:
         raise io.InputError(f"format must be webdataset or imagefolder, not {fmt!r}")
+    if samples_per_shard < 1:
+        raise io.InputError("samples_per_shard must be >= 1")
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
-    table = E.read_decision(decision)
-    kept = table.filter(table.column("kept"))
-    info = {r["uid"]: r for r in kept.select(["uid", "label", "score", "reason"]).to_pylist()}
-    manifest: dict[str, list] = {k: [] for k in ("uid", "label", "class_name", "caption", "score", "reason", "path")}
-    writer, buf, shard_i, in_shard = None, None, 0, 0
-
-    def flush():
-        nonlocal writer, buf, shard_i, in_shard
-        if writer is not None:
-            writer.close()
-            io.write_bytes(io.join(out, f"{shard_i:05d}.tar"), buf.getvalue())
-            shard_i += 1
-            writer, buf, in_shard = None, None, 0
-
+    chosen = read_choice(decision)
+    try:
+        tars = io.list_files(shards, suffixes=(".tar",))
+    except FileNotFoundError:
+        raise io.InputError(f"no webdataset shards (*.tar) at {shards!r}") from None
+    manifest: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    skipped: Counter = Counter()
     seen: set[str] = set()
-    tars = io.list_files(shards, suffixes=(".tar",))
-    for tar_url in tqdm(tars, desc="materialise", unit="shard", disable=None):
-        for _key, sample in iter_tar_samples(tar_url):
-            try:
-                meta = json.loads(sample.get("json", b"{}"))
-            except ValueError:
-                continue
-            uid = meta.get("uid")
-            if uid not in info or uid in seen:
-                continue
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if ext is None:
-                continue
-            seen.add(uid)
-            row = info[uid]
-            caption = sample.get("txt", b"").decode("utf-8", "replace")
-            class_name = str(meta.get("class_name", row["label"]))
-            if fmt == "webdataset":
-                if writer is None:
-                    buf = _io.BytesIO()
-                    writer = tarfile.open(fileobj=buf, mode="w")
-                _tar_add(writer, f"{uid}.{ext}", sample[ext])
-                _tar_add(writer, f"{uid}.txt", caption.encode("utf-8"))
-                _tar_add(writer, f"{uid}.json", json.dumps({**meta, "score": row["score"], "reason": row["reason"]}, sort_keys=True).encode())
-                path = f"{shard_i:05d}.tar/{uid}.{ext}"
-                in_shard += 1
-                if in_shard >= samples_per_shard:
-                    flush()
-            else:
-                path = f"{int(row['label']):04d}_{safe_name(class_name)}/{uid}.{ext}"
-                io.write_bytes(io.join(out, path), sample[ext])
-            manifest["uid"].append(uid)
-            manifest["label"].append(int(row["label"]))
-            manifest["class_name"].append(class_name)
-            manifest["caption"].append(caption)
-            manifest["score"].append(row["score"])
-            manifest["reason"].append(row["reason"])
-            manifest["path"].append(path)
-    flush()
-    schema = pa.schema([("uid", pa.string()), ("label", pa.int32()), ("class_name", pa.string()), ("caption", pa.string()), ("score", pa.float32()), ("reason", pa.string()), ("path", pa.string())])
-    io.write_parquet(pa.table(manifest, schema=schema), io.join(out, "manifest.parquet"))
-    missing = len(info) - len(seen)
-    stats = {"kept_in_decision": len(info), "written": len(seen), "missing_from_shards": missing, "format": fmt, "seconds": round(time.perf_counter() - t0, 3)}
+    writer = _ShardWriter(out, samples_per_shard) if fmt == "webdataset" else None
+    try:
+        for tar_url in tqdm(tars, desc="materialise", unit="shard", disable=None):
+            for _key, sample in iter_tar_samples(tar_url):
+                try:
+                    meta = json.loads(sample.get("json", b"{}"))
+                    if not isinstance(meta, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    skipped["bad_json"] += 1
+                    continue
+                uid = meta.get("uid")
+                if not isinstance(uid, str) or uid not in chosen:
+                    continue
+                if uid in seen:
+                    skipped["duplicate"] += 1
+                    continue
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if ext is None or not _UID_RE.match(uid):
+                    skipped["no_image" if ext is None else "bad_uid"] += 1
+                    continue
+                seen.add(uid)
+                row = chosen[uid]
+                caption = sample.get("txt", b"").decode("utf-8", "replace")
+                class_name = str(meta.get("class_name", row.label))
+                if writer is not None:
+                    side = {
+                        **meta,
+                        "label": row.label,
+                        "score": None if np.isnan(row.score) else row.score,
+                        "reason": row.reason,
+                    }
+                    files = [
+                        (ext, sample[ext]),
+                        ("txt", caption.encode("utf-8")),
+                        ("json", json.dumps(side, sort_keys=True).encode()),
+                    ]
+                    path = writer.add(uid, files)
+                else:
+                    path = f"{row.label:04d}_{safe_name(class_name)}/{uid}.{ext}"
+                    io.write_bytes(io.join(out, path), sample[ext])
+                for name, value in zip(
+                    MANIFEST_SCHEMA.names,
+                    (uid, row.label, class_name, caption, row.score, row.reason, path),
+                ):
+                    manifest[name].append(value)
+    except BaseException as e:
+        if writer is not None:
+            writer.close(e)
+        raise
+    if writer is not None:
+        writer.close()
+    t1 = time.perf_counter()
+    table = pa.table(manifest, schema=MANIFEST_SCHEMA)
+    io.write_parquet(table, io.join(out, "manifest.parquet"))
+    io.write_json(
+        io.join(out, "config.json"),
+        {
+            "decision": decision,
+            "shards": shards,
+            "format": fmt,
+            "samples_per_shard": samples_per_shard,
+        },
+    )
+    labels = np.asarray(manifest["label"], np.int64)
+    per_class = {str(lb): int(n) for lb, n in zip(*np.unique(labels, return_counts=True))}
+    stats = {
+        "kept_in_decision": len(chosen),
+        "written": len(seen),
+        "missing_from_shards": len(chosen) - len(seen),
+        "skipped": dict(sorted(skipped.items())),
+        "per_label_written": per_class,
+        "input_shards": len(tars),
+        "format": fmt,
+        "seconds": {"copy": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
+    }
     io.write_json(io.join(out, "stats.json"), stats)
-    io.mark_done(out, stats)
-    if missing:
-        log.warning("materialise: %d kept uids were not found in %s", missing, shards)
+    io.mark_done(out, {"written": len(seen)})
+    if stats["missing_from_shards"]:
+        log.warning(
+            "materialise: %d kept uids were not found in %s", stats["missing_from_shards"], shards
+        )
     log.info("materialise: %d images -> %s (%s)", len(seen), out, fmt)
     return stats
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("materialise", parents=[common], help="stage 5: write the kept images as webdataset shards or an ImageFolder", description=__doc__.split("\n\n")[0])
-    p.add_argument("--decision", required=True, help="a decision directory (clip-filter or transductive)")
-    p.add_argument("--shards", required=True, help="the download stage's shards")
+    """Add ``primer materialise``."""
+    p = sub.add_parser(
+        "materialise",
+        parents=[common],
+        help="stage 5: write the kept images as webdataset shards or an ImageFolder",
+        description=__doc__.split("\n\n")[0] + " Shard size: download.samples_per_shard.",
+    )
+    p.add_argument(
+        "--decision",
+        required=True,
+        help="a decision directory (clip-filter or transductive), or pool embeddings to keep all",
+    )
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="the download stage's webdataset shards (directory, glob or URL)",
+    )
     p.add_argument("--out", required=True, help="output directory URL")
-    p.add_argument("--format", choices=["webdataset", "imagefolder"], default="webdataset")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=FORMATS, default="webdataset")
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from pipeline.download import DownloadConfig
 
-    per_shard = stage_config(DownloadConfig, "download", args.config, args.overrides).samples_per_shard
-    s = run_materialise(args.decision, args.shards, args.out, args.format, per_shard, args.overwrite)
+    per_shard = stage_config(
+        DownloadConfig, "download", args.config, args.overrides
+    ).samples_per_shard
+    s = run_materialise(
+        args.decision, args.shards, args.out, args.format, per_shard, args.overwrite
+    )
     sys.stdout.write(f"{s['written']} images -> {args.out}\n")
     return 0

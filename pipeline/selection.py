@@ -11,8 +11,13 @@ seconds from cached embeddings; :mod:`pipeline.materialise` applies a decision.
   pool images; the subset is the union, each kept image with its best similarity and the number
   of queries that chose it. ``kshot`` restricts each query to pool images of its own
   ground-truth label (the reference's few-shot mode); ``per_class`` restricts it to pool images
-  of its zero-shot *predicted* class (the same idea when test labels are unknown; needs the
-  text embeddings).
+  of its zero-shot *predicted* class (argmax of 100 f . T^T), the same idea when test labels
+  are unknown, so every class with queries predicted in it gets exactly ``k`` neighbours per
+  such query from its own pool images (needs the text embeddings).
+
+Decision rows are in pool order (the embedding stage's sorted shard order) and contain no
+timings, so the same inputs and config give byte-identical ``decision.parquet`` and
+``meta.json``; timings go to ``stats.json``.
 """
 
 from __future__ import annotations
@@ -30,14 +35,20 @@ import pyarrow as pa
 from pipeline import embeddings as E
 from pipeline import io
 from pipeline.config import stage_config, to_dict
-from pipeline.knn import KnnConfig, search
+from pipeline.knn import KnnConfig, search, search_grouped
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Settings of the filters (section ``select``)."""
+    """Settings of the filters (section ``select``, conf/stages/select.yaml).
+
+    CLIP-score: ``min_prob`` (softmax probability of the caption label, 0..1),
+    ``require_agreement``, ``logit_scale``. Transductive: ``k`` neighbours per query, ``mode``
+    (``global``, ``kshot``, ``per_class``). ``batch``: rows per matrix product / FAISS call.
+    The rest are the FAISS settings of :class:`pipeline.knn.KnnConfig`.
+    """
 
     min_prob: float = 0.0
     require_agreement: bool = False
@@ -47,8 +58,12 @@ class SelectConfig:
     batch: int = 8192
     exact_max_pool: int = 2_000_000
     nlist: int = 0
-    nprobe: int = 32
+    nprobe: int = 0
+    target_recall: float = 0.95
+    calibration_queries: int = 256
+    train_size: int = 200_000
     use_gpu: str = "auto"
+    threads: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,48 +72,115 @@ class SelectConfig:
             problems.append("min_prob must be in [0, 1]")
         if self.k < 1:
             problems.append("k must be >= 1")
+        if self.batch < 1:
+            problems.append("batch must be >= 1")
         if self.mode not in ("global", "kshot", "per_class"):
             problems.append("mode must be global, kshot or per_class")
-        if self.use_gpu not in ("auto", "yes", "no"):
-            problems.append("use_gpu must be auto, yes or no")
+        try:
+            self.knn()
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 
     def knn(self) -> KnnConfig:
-        return KnnConfig(exact_max_pool=self.exact_max_pool, nlist=self.nlist, nprobe=self.nprobe, use_gpu=self.use_gpu, seed=self.seed)
+        """The FAISS part of this config."""
+        return KnnConfig(
+            exact_max_pool=self.exact_max_pool,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            target_recall=self.target_recall,
+            calibration_queries=self.calibration_queries,
+            train_size=self.train_size,
+            query_batch=self.batch,
+            use_gpu=self.use_gpu,
+            threads=self.threads,
+            seed=self.seed,
+        )
+
+    def result_settings(self, filter_name: str) -> dict:
+        """The settings that can change a filter's decision (written to its meta.json); device
+        and thread settings are left out because they do not change the result."""
+        if filter_name == "clip":
+            keys = ("min_prob", "require_agreement", "logit_scale")
+        else:
+            keys = (
+                "k",
+                "mode",
+                "exact_max_pool",
+                "nlist",
+                "nprobe",
+                "target_recall",
+                "calibration_queries",
+                "train_size",
+                "seed",
+            )
+            if self.mode == "per_class":
+                keys += ("logit_scale",)
+        d = to_dict(self)
+        return {k: d[k] for k in keys}
 
 
 # ---------------------------------------------------------------------- pure cores
 
 
-def zero_shot(feats: np.ndarray, heads: np.ndarray, logit_scale: float = 100.0, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """``(predicted class [N], softmax probabilities [N, C] float32)`` of ``logit_scale f . T^T``."""
+def zero_shot(
+    feats: np.ndarray,
+    heads: np.ndarray,
+    logit_scale: float = 100.0,
+    batch: int = 8192,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot prediction ``argmax(logit_scale f . T^T)`` and the softmax probability of
+    ``labels`` (``[N]`` float32; zeros when ``labels`` is None; 0 for labels outside
+    ``[0, C)``). Computed in float32 batches of ``batch`` rows, so memory is ``batch x C``,
+    not ``N x C``.
+    """
     t = np.asarray(heads, np.float32)
+    c = len(t)
     preds = np.empty(len(feats), np.int64)
-    probs = np.empty((len(feats), len(t)), np.float32)
+    prob = np.zeros(len(feats), np.float32)
+    lab = None if labels is None else np.asarray(labels, np.int64)
     for s in range(0, len(feats), batch):
         logits = logit_scale * (np.asarray(feats[s : s + batch], np.float32) @ t.T)
+        preds[s : s + batch] = np.argmax(logits, axis=1)
+        if lab is None:
+            continue
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         p = e / e.sum(axis=1, keepdims=True)
-        probs[s : s + batch] = p
-        preds[s : s + batch] = np.argmax(p, axis=1)
-    return preds, probs
+        lb = lab[s : s + batch]
+        ok = (lb >= 0) & (lb < c)
+        prob[s : s + batch] = np.where(
+            ok, p[np.arange(len(lb)), np.clip(lb, 0, max(c - 1, 0))], 0.0
+        )
+    return preds, prob
 
 
-def clip_score_decision(uids: np.ndarray, labels: np.ndarray, feats: np.ndarray, heads: np.ndarray, cfg: SelectConfig) -> pa.Table:
-    """The CLIP-score rule over a pool: one row per pool image, in pool order."""
-    preds, probs = zero_shot(feats, heads, cfg.logit_scale, cfg.batch)
+def clip_score_decision(
+    uids: np.ndarray, labels: np.ndarray, feats: np.ndarray, heads: np.ndarray, cfg: SelectConfig
+) -> pa.Table:
+    """The CLIP-score rule over a pool: one row per pool image, in pool order.
+
+    Columns: uid, label, score (= prob), kept, reason (``kept``, ``label_unknown`` for a label
+    outside the text heads, ``label_disagrees``, ``below_min_prob``; the first that applies),
+    pred (zero-shot class), prob (softmax probability of the caption label).
+    """
+    labels = np.asarray(labels, np.int64)
+    preds, prob = zero_shot(feats, heads, cfg.logit_scale, cfg.batch, labels)
     valid = (labels >= 0) & (labels < heads.shape[0])
-    prob = np.where(valid, probs[np.arange(len(labels)), np.clip(labels, 0, heads.shape[0] - 1)], 0.0).astype(np.float32)
     agree = preds == labels
     low = prob < cfg.min_prob
     disagree = cfg.require_agreement & ~agree
     kept = valid & ~low & ~disagree
-    reason = np.where(~valid, "label_unknown", np.where(disagree, "label_disagrees", np.where(low, "below_min_prob", "kept")))
+    reason = np.where(
+        ~valid,
+        "label_unknown",
+        np.where(disagree, "label_disagrees", np.where(low, "below_min_prob", "kept")),
+    )
     return pa.table(
         {
-            "uid": pa.array(uids.tolist(), pa.string()),
+            "uid": pa.array(list(uids), pa.string()),
             "label": pa.array(labels.astype(np.int32)),
             "score": pa.array(prob),
             "kept": pa.array(kept),
@@ -116,34 +198,30 @@ def transductive_choose(
     p_labels: np.ndarray,
     k: int,
     knn_cfg: KnnConfig,
+    info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every query its ``k`` nearest pool rows (within its group when ``q_groups`` is given:
     only pool rows whose label equals the query's group). Returns per pool row ``(best
-    similarity, number of queries that chose it)``; best is ``-inf`` for unchosen rows."""
+    similarity float32, number of queries that chose it int64)``; best is ``-inf`` for
+    unchosen rows. ``info`` receives the search's index details (see :func:`pipeline.knn.search`).
+    """
+    if q_groups is None:
+        scores, idx = search(q_feats, p_feats, k, knn_cfg, info)
+    else:
+        scores, idx = search_grouped(q_feats, q_groups, p_feats, p_labels, k, knn_cfg, info)
     best = np.full(len(p_feats), -np.inf, np.float32)
     count = np.zeros(len(p_feats), np.int64)
-
-    def take(scores, idx, pool_index):
-        ok = idx >= 0
-        rows = pool_index[idx[ok]]
-        np.maximum.at(best, rows, scores[ok])
-        np.add.at(count, rows, 1)
-
-    if q_groups is None:
-        scores, idx = search(q_feats, p_feats, k, knn_cfg)
-        take(scores, idx, np.arange(len(p_feats)))
-        return best, count
-    for g in np.unique(q_groups):
-        members = np.flatnonzero(p_labels == g)
-        if len(members) == 0:
-            continue
-        qs = q_feats[q_groups == g]
-        scores, idx = search(qs, p_feats[members], k, knn_cfg)
-        take(scores, idx, members)
+    ok = idx >= 0
+    np.maximum.at(best, idx[ok], scores[ok])
+    np.add.at(count, idx[ok], 1)
     return best, count
 
 
-def transductive_decision(uids, labels, best, count) -> pa.Table:
+def transductive_decision(
+    uids: np.ndarray, labels: np.ndarray, best: np.ndarray, count: np.ndarray
+) -> pa.Table:
+    """One row per pool image in pool order: kept when at least one query chose it; score and
+    best_sim are its best similarity (NaN when not kept), n_queries how many queries chose it."""
     kept = count > 0
     score = np.where(kept, best, np.nan).astype(np.float32)
     return pa.table(
@@ -160,11 +238,13 @@ def transductive_decision(uids, labels, best, count) -> pa.Table:
 
 
 def decision_stats(table: pa.Table, num_classes: int, classnames: list[str] | None = None) -> dict:
-    """Kept/dropped counts, per class kept counts and the classes left empty."""
-    labels = table.column("label").to_numpy()
-    kept = table.column("kept").to_numpy(zero_copy_only=False)
+    """Kept/dropped counts, drop reasons, per class kept counts and the classes left empty
+    (named by ``classnames`` when it has one name per class, else by index)."""
+    labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     reasons = Counter(table.column("reason").to_pylist())
-    per = np.bincount(labels[kept & (labels >= 0)], minlength=num_classes)[:num_classes] if num_classes else np.zeros(0, int)
+    ok = kept & (labels >= 0) & (labels < num_classes)
+    per = np.bincount(labels[ok], minlength=num_classes) if num_classes else np.zeros(0, np.int64)
     name = (lambda c: classnames[c]) if classnames and len(classnames) == num_classes else str
     return {
         "pool": int(len(labels)),
@@ -180,88 +260,193 @@ def decision_stats(table: pa.Table, num_classes: int, classnames: list[str] | No
 
 
 def _pool(url: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """(original pool URL, uids, labels, feats) of an embedding or decision directory."""
-    if E.is_decision(url):
-        root = E.read_meta(url)["pool"]
-        uids, labels, feats = E.load(url)
-        return root, uids, labels, feats
+    """(original pool URL, uids, labels, feats) of an embedding or decision directory; for a
+    decision, its kept rows of the pool it decided over."""
     uids, labels, feats = E.load(url)
-    return url, uids, labels, feats
+    return (E.read_meta(url)["pool"] if E.is_decision(url) else url), uids, labels, feats
+
+
+def _check_dims(what: dict[str, np.ndarray]) -> None:
+    dims = {name: a.shape[1] for name, a in what.items() if a.ndim == 2 and len(a)}
+    if len(set(dims.values())) > 1:
+        raise io.InputError(
+            f"embedding dimensions differ: {dims}; were they made with the same model?"
+        )
 
 
 def _num_classes(text_url: str | None, labels: np.ndarray) -> tuple[int, list[str] | None]:
     if text_url:
         meta = E.read_meta(text_url)
         return int(meta["num_classes"]), list(meta.get("classnames") or []) or None
-    return int(labels.max()) + 1 if len(labels) else 0, None
+    return (int(labels.max()) + 1 if len(labels) else 0), None
 
 
-def run_clip_filter(cfg: SelectConfig, pool: str, text: str, out: str, overwrite: bool = False) -> dict:
-    """Write the CLIP-score decision over ``pool`` to ``out``; returns its stats."""
+def run_clip_filter(
+    cfg: SelectConfig, pool: str, text: str, out: str, overwrite: bool = False
+) -> dict:
+    """Write the CLIP-score decision over ``pool`` (embeddings or a decision) to ``out``.
+
+    Returns the stats (also in ``out/stats.json``); skips a complete ``out`` unless
+    ``overwrite``. Raises :class:`pipeline.io.InputError` for incomplete inputs or mismatched
+    embedding dimensions.
+    """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
     root, uids, labels, feats = _pool(pool)
     te = E.load_text(text)
-    table = clip_score_decision(uids, labels, feats, te.heads("template"), cfg)
+    heads = te.heads("template")
+    _check_dims({pool: feats, text: heads})
+    t1 = time.perf_counter()
+    table = clip_score_decision(uids, labels, feats, heads, cfg)
+    t2 = time.perf_counter()
     stats = decision_stats(table, te.num_classes, list(te.classnames))
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    meta = {"filter": "clip", "pool": root, "input": pool, "text": text, "config": {k: v for k, v in to_dict(cfg).items() if k in ("min_prob", "require_agreement", "logit_scale")}}
+    meta = {
+        "filter": "clip",
+        "pool": root,
+        "input": pool,
+        "text": text,
+        "config": cfg.result_settings("clip"),
+    }
+    stats["seconds"] = {"read": round(t1 - t0, 3), "compute": round(t2 - t1, 3)}
     E.write_decision(out, table, meta, stats)
     log.info("clip filter: kept %d of %d (%s)", stats["kept"], stats["pool"], stats["reasons"])
     return stats
 
 
-def run_transductive(cfg: SelectConfig, pool: str, queries: str, out: str, text: str | None = None, overwrite: bool = False) -> dict:
-    """Write the transductive decision (union of each query's k nearest) to ``out``."""
+def run_transductive(
+    cfg: SelectConfig,
+    pool: str,
+    queries: str,
+    out: str,
+    text: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write the transductive decision (union of each query's ``cfg.k`` nearest pool images)
+    over ``pool`` (embeddings or a decision to start from) to ``out``.
+
+    ``text`` (class prompt embeddings) is required by ``mode='per_class'`` and otherwise only
+    names the classes in the stats. Returns the stats (with the FAISS index used, under
+    ``knn``); skips a complete ``out`` unless ``overwrite``. Raises
+    :class:`pipeline.io.InputError` for missing/incomplete inputs or mismatched dimensions.
+    """
+    if cfg.mode == "per_class" and not text:
+        raise io.InputError(
+            "transductive --per-class needs --text (class prompt embeddings) to predict the query classes"
+        )
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
     root, uids, labels, feats = _pool(pool)
     _, q_labels, q_feats = E.load(queries)
+    heads = E.load_text(text).heads("template") if cfg.mode == "per_class" else None
+    _check_dims({pool: feats, queries: q_feats, **({text: heads} if heads is not None else {})})
+    t1 = time.perf_counter()
     groups = None
     if cfg.mode == "kshot":
         groups = q_labels
     elif cfg.mode == "per_class":
-        if not text:
-            raise io.InputError("transductive --per-class needs --text (class prompt embeddings) to predict query classes")
-        groups, _ = zero_shot(q_feats, E.load_text(text).heads("template"), cfg.logit_scale)
-    best, count = transductive_choose(np.asarray(q_feats, np.float32), groups, np.asarray(feats, np.float32), labels, cfg.k, cfg.knn())
+        groups, _ = zero_shot(q_feats, heads, cfg.logit_scale, cfg.batch)
+    info: dict = {}
+    best, count = transductive_choose(q_feats, groups, feats, labels, cfg.k, cfg.knn(), info)
     table = transductive_decision(uids, labels, best, count)
-    n_classes, names = _num_classes(text, np.concatenate([labels, q_labels]) if len(labels) else q_labels)
+    t2 = time.perf_counter()
+    n_classes, names = _num_classes(text, np.concatenate([labels, q_labels]))
     stats = decision_stats(table, n_classes, names)
-    stats.update({"queries": int(len(q_feats)), "k": cfg.k, "mode": cfg.mode, "seconds": round(time.perf_counter() - t0, 3)})
-    meta = {"filter": "transductive", "pool": root, "input": pool, "queries": queries, "config": {"k": cfg.k, "mode": cfg.mode}}
+    stats.update({"queries": int(len(q_feats)), "k": cfg.k, "mode": cfg.mode, "knn": info})
+    stats["seconds"] = {"read": round(t1 - t0, 3), "compute": round(t2 - t1, 3)}
+    meta = {
+        "filter": "transductive",
+        "pool": root,
+        "input": pool,
+        "queries": queries,
+        "config": cfg.result_settings("transductive"),
+    }
     E.write_decision(out, table, meta, stats)
-    log.info("transductive: %d queries x k=%d kept %d of %d pool images", len(q_feats), cfg.k, stats["kept"], stats["pool"])
+    log.info(
+        "transductive: %d queries x k=%d (%s) kept %d of %d pool images",
+        len(q_feats),
+        cfg.k,
+        cfg.mode,
+        stats["kept"],
+        stats["pool"],
+    )
     return stats
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("clip-filter", parents=[common], help="stage 4: CLIP-score filter (decision only)", description=__doc__.split("\n\n")[0])
+    """Add ``primer clip-filter`` and ``primer transductive``."""
+    p = sub.add_parser(
+        "clip-filter",
+        parents=[common],
+        help="stage 4: CLIP-score filter (writes a decision only)",
+        description="Keep a pool image when softmax(100 f.T)[caption label] >= --min-prob and, with "
+        "--require-agreement, when its zero-shot prediction is its caption label. Writes a decision "
+        "directory (decision.parquet, meta.json, stats.json, _SUCCESS).",
+    )
     p.add_argument("--pool", required=True, help="pool embeddings (or a decision to start from)")
     p.add_argument("--text", required=True, help="class prompt embeddings (primer embed-text)")
     p.add_argument("--out", required=True, help="decision directory URL")
-    p.add_argument("--min-prob", dest="min_prob", type=float, help="minimum softmax probability of the caption label")
-    p.add_argument("--require-agreement", dest="require_agreement", action="store_true", default=None, help="keep only images whose zero-shot prediction is their caption label")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--min-prob",
+        dest="min_prob",
+        type=float,
+        help="minimum softmax probability of the caption label (default select.min_prob)",
+    )
+    p.add_argument(
+        "--require-agreement",
+        dest="require_agreement",
+        action="store_true",
+        default=None,
+        help="keep only images whose zero-shot prediction is their caption label",
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.set_defaults(func=_cmd_clip)
 
-    p = sub.add_parser("transductive", parents=[common], help="stage 4: transductive kNN filter (decision only)")
-    p.add_argument("--pool", required=True, help="pool embeddings, or a decision (e.g. the CLIP filter's) to start from")
-    p.add_argument("--queries", required=True, help="target-task embeddings (usually the test split)")
-    p.add_argument("--k", type=int, help="neighbours per query (default 10)")
-    p.add_argument("--text", help="class prompt embeddings (needed by --per-class; names classes in stats)")
+    p = sub.add_parser(
+        "transductive",
+        parents=[common],
+        help="stage 4: transductive kNN filter (writes a decision only)",
+        description="Keep the union of every query image's K nearest pool images (cosine, FAISS: exact "
+        "up to select.exact_max_pool pool vectors, IVF above). Writes a decision directory.",
+    )
+    p.add_argument(
+        "--pool",
+        required=True,
+        help="pool embeddings, or a decision (e.g. the CLIP filter's) to start from",
+    )
+    p.add_argument(
+        "--queries", required=True, help="target-task embeddings (usually the test split)"
+    )
+    p.add_argument("--k", type=int, help="neighbours per query (default select.k = 10)")
+    p.add_argument(
+        "--text", help="class prompt embeddings (needed by --per-class; names the classes in stats)"
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--kshot", action="store_true", help="restrict each query to pool images of its ground-truth label")
-    g.add_argument("--per-class", dest="per_class", action="store_true", help="restrict each query to pool images of its zero-shot predicted class")
+    g.add_argument(
+        "--kshot",
+        action="store_true",
+        help="each query's neighbours only among pool images of its ground-truth label (few-shot mode)",
+    )
+    g.add_argument(
+        "--per-class",
+        dest="per_class",
+        action="store_true",
+        help="each query's neighbours only among pool images of its zero-shot predicted class (needs --text)",
+    )
     p.add_argument("--out", required=True, help="decision directory URL")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.set_defaults(func=_cmd_transductive)
 
 
 def _cmd_clip(args: argparse.Namespace) -> int:
-    cfg = stage_config(SelectConfig, "select", args.config, args.overrides, {"min_prob": args.min_prob, "require_agreement": args.require_agreement})
+    cfg = stage_config(
+        SelectConfig,
+        "select",
+        args.config,
+        args.overrides,
+        {"min_prob": args.min_prob, "require_agreement": args.require_agreement},
+    )
     s = run_clip_filter(cfg, args.pool, args.text, args.out, args.overwrite)
     sys.stdout.write(f"kept {s['kept']} of {s['pool']} -> {args.out}\n")
     return 0
@@ -269,7 +454,9 @@ def _cmd_clip(args: argparse.Namespace) -> int:
 
 def _cmd_transductive(args: argparse.Namespace) -> int:
     mode = "kshot" if args.kshot else "per_class" if args.per_class else None
-    cfg = stage_config(SelectConfig, "select", args.config, args.overrides, {"k": args.k, "mode": mode})
+    cfg = stage_config(
+        SelectConfig, "select", args.config, args.overrides, {"k": args.k, "mode": mode}
+    )
     s = run_transductive(cfg, args.pool, args.queries, args.out, args.text, args.overwrite)
     sys.stdout.write(f"kept {s['kept']} of {s['pool']} -> {args.out}\n")
     return 0

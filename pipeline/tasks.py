@@ -3,12 +3,18 @@
 Layouts (``DatasetSpec.layout``, or ``--layout``):
 
 - ``imagefolder``: ``root/<split>/<class>/*.jpg``. Class folders are matched to the dataset's
-  class names (case, ``_`` and ``-`` ignored); folders named by WordNet id (``n01440764``,
-  ImageNet's) take sorted order when there is one per class.
+  class names (case, ``_``, ``-`` and ``/`` ignored); folders named by WordNet id
+  (``n01440764``: ImageNet, -Sketch, -R, -A) take sorted order when there is one per class;
+  folders named by label index (``0`` .. ``999``: ImageNet-V2) take that label. Anything else
+  is an error naming the folders. :func:`write_imagefolder` writes this layout from arrays.
 - torchvision's on-disk layouts, as its dataset classes download them: ``StanfordCars``
   (``stanford_cars/``), ``Flowers102`` (``flowers-102/``), ``FGVCAircraft``
   (``fgvc-aircraft-2013b/``), ``OxfordIIITPet`` (``oxford-iiit-pet/``), ``Food101``
   (``food-101/``), ``SUN397`` (``SUN397/``).
+
+Class order: Food101's folders and SUN397's ``ClassName.txt`` are matched to the dataset's
+names (file order, with a warning, when the names differ); Pets, Flowers102 and StanfordCars
+carry 1-based label ids in torchvision's order, which the bundled configs follow.
 
 SUN397 ships no train/test split (the reference evaluated on images it also primed with);
 here each class's images are shuffled with a seed and cut in two disjoint halves, so train
@@ -20,6 +26,7 @@ Every image gets ``uid = make_uid("task:<split>/<path relative to root>", "")``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,9 +36,18 @@ import numpy as np
 from pipeline import io
 from pipeline.config import DatasetSpec
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-LAYOUTS = ("imagefolder", "StanfordCars", "Flowers102", "FGVCAircraft", "OxfordIIITPet", "Food101", "SUN397")
-TORCHVISION_SPLITS = {"train": "train", "test": "test"}
+LAYOUTS = (
+    "imagefolder",
+    "StanfordCars",
+    "Flowers102",
+    "FGVCAircraft",
+    "OxfordIIITPet",
+    "Food101",
+    "SUN397",
+)
 
 
 @dataclass(frozen=True)
@@ -45,29 +61,47 @@ class TaskImage:
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+    """Folder names and class names compare case-blind, with ``_ - /`` and spaces alike."""
+    return re.sub(r"[\s_\-/]+", " ", name.strip().lower()).strip()
+
+
+def folder_name(classname: str) -> str:
+    """A class name as a folder name (``/`` and spaces become ``_``); :func:`_norm`-equal."""
+    return re.sub(r"[\s/]+", "_", classname.strip())
 
 
 def _images_under(d: str) -> list[str]:
-    return sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    return sorted(
+        f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
+    )
 
 
 def _imagefolder(spec: DatasetSpec, root: str, split: str) -> list[TaskImage]:
     base = os.path.join(root, split)
     if not os.path.isdir(base):
-        raise io.InputError(f"{base} not found: an ImageFolder task needs {root}/{split}/<class>/<image>")
+        raise io.InputError(
+            f"{base} not found: an ImageFolder task needs {root}/{split}/<class>/<image>"
+        )
     folders = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
     by_name = {_norm(c): i for i, c in enumerate(spec.classes)}
     mapping: dict[str, int] = {}
     if folders and all(_norm(f) in by_name for f in folders):
         mapping = {f: by_name[_norm(f)] for f in folders}
-    elif folders and all(re.fullmatch(r"n\d{8}", f) for f in folders) and len(folders) == spec.num_classes:
+    elif (
+        folders
+        and all(re.fullmatch(r"n\d{8}", f) for f in folders)
+        and len(folders) == spec.num_classes
+    ):
+        # ImageNet and its variants: WordNet-id folders sort into the label order.
         mapping = {f: i for i, f in enumerate(folders)}
+    elif folders and all(f.isdigit() and int(f) < spec.num_classes for f in folders):
+        # ImageNet-V2's layout: folders named by the label index itself.
+        mapping = {f: int(f) for f in folders}
     else:
         unknown = [f for f in folders if _norm(f) not in by_name][:5]
         raise io.InputError(
-            f"{base}: class folders {unknown} match no class of {spec.name} (folders must be class names, "
-            f"or one WordNet id per class)"
+            f"{base}: class folders {unknown or folders[:5]} match no class of {spec.name} (folders "
+            f"must be class names, one WordNet id per class, or label indices)"
         )
     out = []
     for f, label in mapping.items():
@@ -84,9 +118,27 @@ def _read_lines(path: str) -> list[str]:
         return [ln.strip() for ln in f if ln.strip()]
 
 
+def _match_names(names: list[str], spec: DatasetSpec, where: str, key=lambda n: n) -> dict:
+    """``{name: label}``: by class name when every name matches one of ``spec``'s, else by
+    position when the counts agree (a warning lists the mismatches); InputError otherwise."""
+    by_name = {_norm(c): i for i, c in enumerate(spec.classes)}
+    if len(names) != spec.num_classes:
+        raise io.InputError(
+            f"{where} lists {len(names)} classes; {spec.name} has {spec.num_classes}"
+        )
+    found = {n: by_name.get(_norm(key(n))) for n in names}
+    if all(v is not None for v in found.values()) and len(set(found.values())) == len(names):
+        return found
+    odd = [n for n, v in found.items() if v is None][:5]
+    log.warning("%s: classes %s not named as in %s; using the file's order", where, odd, spec.name)
+    return {n: i for i, n in enumerate(names)}
+
+
 def _pets(spec: DatasetSpec, root: str, split: str) -> list[TaskImage]:
     base = os.path.join(root, "oxford-iiit-pet")
-    lines = _read_lines(os.path.join(base, "annotations", "trainval.txt" if split == "train" else "test.txt"))
+    lines = _read_lines(
+        os.path.join(base, "annotations", "trainval.txt" if split == "train" else "test.txt")
+    )
     out = []
     for ln in lines:
         name, class_id = ln.split()[:2]
@@ -102,9 +154,9 @@ def _food101(spec: DatasetSpec, root: str, split: str) -> list[TaskImage]:
         raise io.InputError(f"{meta} not found (expected torchvision's Food101 layout)")
     with open(meta, encoding="utf-8") as f:
         per_class = json.load(f)
-    classes = sorted(per_class)
+    labels = _match_names(sorted(per_class), spec, meta)
     out = []
-    for label, cls in enumerate(classes):
+    for cls, label in labels.items():
         for item in per_class[cls]:
             rel = os.path.join("food-101", "images", f"{item}.jpg")
             out.append(TaskImage(os.path.join(root, rel), rel, label))
@@ -137,7 +189,11 @@ def _flowers(spec: DatasetSpec, root: str, split: str) -> list[TaskImage]:
     base = os.path.join(root, "flowers-102")
     labels = _loadmat(os.path.join(base, "imagelabels.mat"))["labels"]
     ids = _loadmat(os.path.join(base, "setid.mat"))
-    chosen = np.concatenate([np.atleast_1d(ids["trnid"]), np.atleast_1d(ids["valid"])]) if split == "train" else np.atleast_1d(ids["tstid"])
+    chosen = (
+        np.concatenate([np.atleast_1d(ids["trnid"]), np.atleast_1d(ids["valid"])])
+        if split == "train"
+        else np.atleast_1d(ids["tstid"])
+    )
     out = []
     for i in sorted(int(x) for x in chosen):
         rel = os.path.join("flowers-102", "jpg", f"image_{i:05d}.jpg")
@@ -160,13 +216,15 @@ def _cars(spec: DatasetSpec, root: str, split: str) -> list[TaskImage]:
     return out
 
 
-def _sun397(spec: DatasetSpec, root: str, split: str, seed: int = 0, train_fraction: float = 0.5) -> list[TaskImage]:
+def _sun397(
+    spec: DatasetSpec, root: str, split: str, seed: int = 0, train_fraction: float = 0.5
+) -> list[TaskImage]:
     base = os.path.join(root, "SUN397")
     names = _read_lines(os.path.join(base, "ClassName.txt"))  # "/a/abbey", ...
-    if len(names) != spec.num_classes:
-        raise io.InputError(f"{base}/ClassName.txt lists {len(names)} classes; {spec.name} has {spec.num_classes}")
+    # "/a/apartment_building/outdoor" -> "apartment building outdoor" (CLIP's names).
+    labels = _match_names(names, spec, f"{base}/ClassName.txt", lambda n: n.strip("/")[2:])
     out = []
-    for label, cls in enumerate(names):
+    for cls, label in labels.items():
         d = os.path.join(base, cls.lstrip("/"))
         files = _images_under(d) if os.path.isdir(d) else []
         # A per-class seeded permutation: the same split every run, disjoint by construction.
@@ -191,7 +249,9 @@ _READERS = {
 }
 
 
-def list_task_images(spec: DatasetSpec, root: str, split: str, layout: str | None = None, seed: int = 0) -> list[TaskImage]:
+def list_task_images(
+    spec: DatasetSpec, root: str, split: str, layout: str | None = None, seed: int = 0
+) -> list[TaskImage]:
     """The images of ``split`` (``train`` or ``test``) with labels in ``spec``'s label order.
 
     Raises :class:`pipeline.io.InputError` naming the missing file or folder when ``root``
@@ -204,10 +264,16 @@ def list_task_images(spec: DatasetSpec, root: str, split: str, layout: str | Non
         raise io.InputError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     if not os.path.isdir(root):
         raise io.InputError(f"task image root {root!r} does not exist")
-    images = _sun397(spec, root, split, seed) if layout == "SUN397" else _READERS[layout](spec, root, split)
+    images = (
+        _sun397(spec, root, split, seed)
+        if layout == "SUN397"
+        else _READERS[layout](spec, root, split)
+    )
     bad = [im for im in images if not 0 <= im.label < spec.num_classes]
     if bad:
-        raise io.InputError(f"{root}: label {bad[0].label} of {bad[0].rel} is outside {spec.name}'s {spec.num_classes} classes")
+        raise io.InputError(
+            f"{root}: label {bad[0].label} of {bad[0].rel} is outside {spec.name}'s {spec.num_classes} classes"
+        )
     if not images:
         raise io.InputError(f"{root}: no {split} images found in the {layout} layout")
     return images
@@ -215,12 +281,19 @@ def list_task_images(spec: DatasetSpec, root: str, split: str, layout: str | Non
 
 def torchvision_download(layout: str, root: str, split: str) -> None:
     """Let torchvision download a dataset into ``root`` (needs network; clear error without)."""
-    from pipeline.torchcompat import ensure_torchvision
+    from pipeline.embed import import_open_clip
 
-    ensure_torchvision()
+    import_open_clip()  # makes torchvision importable on this machine's CPU torch too
     import torchvision.datasets as tvd
 
-    if layout not in ("StanfordCars", "Flowers102", "FGVCAircraft", "OxfordIIITPet", "Food101", "SUN397"):
+    if layout not in (
+        "StanfordCars",
+        "Flowers102",
+        "FGVCAircraft",
+        "OxfordIIITPet",
+        "Food101",
+        "SUN397",
+    ):
         raise io.InputError(f"--download supports torchvision's datasets, not layout {layout!r}")
     cls = getattr(tvd, layout)
     kwargs = {"root": root, "download": True}
@@ -239,3 +312,41 @@ def torchvision_download(layout: str, root: str, split: str) -> None:
             f"torchvision could not download {layout} into {root} ({type(e).__name__}: {e}). It needs network "
             f"access; on an offline machine, download it elsewhere and copy it to {root}."
         ) from None
+
+
+def write_imagefolder(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classnames: list[str] | tuple[str, ...],
+    root: str,
+    fmt: str = "png",
+    size: int | None = None,
+) -> list[str]:
+    """Write arrays as an ImageFolder: ``root/<class folder>/<index:05d>.<fmt>``.
+
+    Args:
+        images: uint8 ``[N, H, W]`` or ``[N, H, W, 3]`` (e.g. Fashion-MNIST).
+        labels: int ``[N]`` indices into ``classnames``.
+        classnames: the class names in label order (folders via :func:`folder_name`, which
+            :func:`list_task_images` maps back to the same labels).
+        root: local directory or fsspec URL; give ``<task>/train`` or ``<task>/test`` for the
+            ``imagefolder`` layout.
+        fmt: ``png`` (lossless) or ``jpg``.
+        size: resize to ``size`` x ``size`` px (bicubic); None keeps the array's size.
+
+    Returns:
+        The written paths, in input order. Raises ValueError for mismatched lengths or labels.
+    """
+    from pipeline.imageserver import encode_image
+
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(labels) and not (0 <= labels.min() and labels.max() < len(classnames)):
+        raise ValueError(f"labels must lie in [0, {len(classnames)})")
+    paths = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        path = io.join(root, folder_name(classnames[int(y)]), f"{i:05d}.{fmt}")
+        io.write_bytes(path, encode_image(np.asarray(img, dtype=np.uint8), fmt, size))
+        paths.append(path)
+    return paths

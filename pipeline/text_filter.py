@@ -8,18 +8,20 @@ URL), in record batches of the needed columns only, matches a whole batch at a t
 length) and writes its matches to ``<out>/_scan/part-<file index>.parquet`` with per-file
 stats next to it. A rerun reuses the scan parts that exist, so a killed job resumes.
 
-The global filters run after the scan: URL de-duplication (the row with the smallest uid of
-each URL is kept) and the per-class cap (the ``max_per_class`` rows with the smallest
-``blake2b(seed, uid)`` hash: a seeded pseudo-random sample, not the first rows in file order).
-The driver reads only ``uid``, ``url`` and ``label`` of the matches for this, so the matches'
-keys (about 150 bytes a match) must fit in driver memory; Spark tasks then rewrite each part.
-Output rows are sorted by uid within each ``part-<file index>.parquet``.
+The global filters run after the scan, on the driver, in Arrow (group-by and sort kernels, no
+per-row Python): a row found in several input files is kept once; URL de-duplication keeps
+the row of the smallest uid of each URL; the per-class cap keeps the ``max_per_class`` rows
+with the smallest seeded hash of their uid (:func:`cap_hash`: a pseudo-random sample, not the
+first rows in file order). The driver reads only ``uid``, ``url`` and ``label`` of the
+matches, so their keys (about 150 bytes a match: some 15 GB for 100M matches) must fit in
+driver memory. It writes the surviving keys of each part to ``_scan/keep-<index>.parquet``,
+and Spark tasks rewrite each scan part as ``part-<file index>.parquet``, rows sorted by
+(uid, label): the same input and config give the same files, byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -55,6 +57,9 @@ OPTIONAL_TYPES = {
     "pwatermark": pa.float64(),
 }
 SCAN_DIR = "_scan"
+_KEYS_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("url", pa.string()), ("label", pa.int32()), ("part", pa.int64())]
+)
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
 STATS = "_stats.json"
 CONFIG = "_config.json"
@@ -129,11 +134,21 @@ def _as_string(arr: pa.Array) -> pa.Array:
         except pa.ArrowInvalid:
             arr = arr.cast(pa.binary() if pa.types.is_string(arr.type) else pa.large_binary())
     if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-        return pa.array([None if b is None else b.decode("utf-8", "replace") for b in arr.to_pylist()], pa.string())
+        return pa.array(
+            [None if b is None else b.decode("utf-8", "replace") for b in arr.to_pylist()],
+            pa.string(),
+        )
     return pc.cast(arr, pa.string())
 
 
-def filter_batch(batch: pa.RecordBatch, cols: dict[str, str], matcher, cfg: TextFilterConfig, classes: list[str], stats: Counter) -> pa.Table:
+def filter_batch(
+    batch: pa.RecordBatch,
+    cols: dict[str, str],
+    matcher,
+    cfg: TextFilterConfig,
+    classes: list[str],
+    stats: Counter,
+) -> pa.Table:
     """The pure core: one record batch in, its kept matches out (canonical columns).
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
@@ -151,7 +166,11 @@ def filter_batch(batch: pa.RecordBatch, cols: dict[str, str], matcher, cfg: Text
     stats["dropped_caption_too_long"] += int((too_long & ~empty).sum())
     usable = ~empty & ~too_long
     # Over-long captions are blanked before matching, so one hostile row cannot slow a batch.
-    to_match = captions if usable.all() else pc.if_else(pa.array(usable), captions, pa.scalar(None, pa.string()))
+    to_match = (
+        captions
+        if usable.all()
+        else pc.if_else(pa.array(usable), captions, pa.scalar(None, pa.string()))
+    )
     result = matcher.match(to_match)
     label = result.label
     stats["dropped_no_match"] += int(((label == -1) & usable).sum())
@@ -190,11 +209,17 @@ def filter_batch(batch: pa.RecordBatch, cols: dict[str, str], matcher, cfg: Text
         stats["dropped_too_small"] += int((small & keep).sum())
         keep &= ~small
     if "punsafe" in extra and cfg.max_punsafe < 1.0:
-        unsafe = np.nan_to_num(extra["punsafe"].to_numpy(zero_copy_only=False), nan=1.0) > cfg.max_punsafe
+        unsafe = (
+            np.nan_to_num(extra["punsafe"].to_numpy(zero_copy_only=False), nan=1.0)
+            > cfg.max_punsafe
+        )
         stats["dropped_unsafe"] += int((unsafe & keep).sum())
         keep &= ~unsafe
     if "similarity" in extra and cfg.min_similarity > 0:
-        low = np.nan_to_num(extra["similarity"].to_numpy(zero_copy_only=False), nan=0.0) < cfg.min_similarity
+        low = (
+            np.nan_to_num(extra["similarity"].to_numpy(zero_copy_only=False), nan=0.0)
+            < cfg.min_similarity
+        )
         stats["dropped_low_similarity"] += int((low & keep).sum())
         keep &= ~low
     url_sel = urls.take(idx)
@@ -237,10 +262,14 @@ def _empty_output(cols: dict[str, str]) -> pa.Table:
 
 
 def _piece_paths(out: str, index: int) -> tuple[str, str]:
-    return io.join(out, SCAN_DIR, f"part-{index:05d}.parquet"), io.join(out, SCAN_DIR, f"part-{index:05d}.stats.json")
+    return io.join(out, SCAN_DIR, f"part-{index:05d}.parquet"), io.join(
+        out, SCAN_DIR, f"part-{index:05d}.stats.json"
+    )
 
 
-def scan_file(index: int, url: str, out: str, cfg: TextFilterConfig, classes: list[str], synonyms: dict) -> dict:
+def scan_file(
+    index: int, url: str, out: str, cfg: TextFilterConfig, classes: list[str], synonyms: dict
+) -> dict:
     """Scan one input file into ``<out>/_scan/part-<index>.parquet`` and return its stats.
 
     Reuses a completed scan part (its stats file is written after the part). With
@@ -279,10 +308,12 @@ def scan_file(index: int, url: str, out: str, cfg: TextFilterConfig, classes: li
         io.write_json(stats_url, result)
         return result
     t = time.perf_counter()
-    table = table.sort_by("uid")
+    table = _drop_repeated_keys(table.sort_by([("uid", "ascending"), ("label", "ascending")]))
+    stats["dropped_duplicate_row"] += stats["rows_matched"] - table.num_rows
+    stats["rows_matched"] = table.num_rows
     io.write_parquet(table, part)
     timings["write_s"] += time.perf_counter() - t
-    per_class = Counter(table.column("label").to_pylist())
+    per_class = Counter(table.column("label").to_numpy().tolist())
     result = {
         "file": url,
         "counts": dict(stats),
@@ -296,69 +327,102 @@ def scan_file(index: int, url: str, out: str, cfg: TextFilterConfig, classes: li
 # ---------------------------------------------------------------------- global filters
 
 
-def cap_hash(uids: list[str], seed: int) -> np.ndarray:
-    """Seeded 64-bit hash of each uid: the sampling order for the per-class cap."""
-    key = str(seed).encode()
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8, key=key).digest(), "big") for u in uids],
-        dtype=np.uint64,
+def _drop_repeated_keys(table: pa.Table) -> pa.Table:
+    """Keep the first row of each run of equal (uid, label) in a table sorted by them."""
+    if table.num_rows < 2:
+        return table
+    uid, lab = table.column("uid"), table.column("label")
+    same = pc.and_(
+        pc.equal(uid.slice(1), uid.slice(0, table.num_rows - 1)),
+        pc.equal(lab.slice(1), lab.slice(0, table.num_rows - 1)),
     )
+    keep = np.r_[True, ~same.to_numpy(zero_copy_only=False)]
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
-def global_keep(keys: pa.Table, cfg: TextFilterConfig) -> tuple[dict[tuple[str, int], int], Counter]:
-    """Which rows survive the global filters: ``{(uid, label): part index}`` and drop counts.
+def cap_hash(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarray:
+    """Seeded 64-bit hash of each uid (32 hex digits): the sampling order of the per-class cap.
 
-    ``keys`` holds uid, url, label and part of every match. A (uid, label) found in several
-    parts (the same row in two input files) is kept once, in its lowest part. De-duplication
-    keeps, per URL, the rows of the smallest uid (all its labels when ambiguous rows are
-    kept); the cap keeps per class the ``max_per_class`` rows of smallest :func:`cap_hash`.
+    The uid is already a uniform BLAKE2b digest, so its first 64 bits mixed with the seed by
+    splitmix64 give an independent pseudo-random order per seed, vectorised.
+    """
+    arr = pa.chunked_array([uids]) if not isinstance(uids, pa.ChunkedArray) else uids
+    arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.string())
+    if not pa.types.is_string(arr.type):
+        arr = pa.array(list(arr.to_pylist()), pa.string())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
+    if not (np.diff(offsets) == 32).all():
+        raise ValueError("uids must be 32 hex digits")
+    hexd = data[offsets[0] : offsets[-1]].reshape(n, 32)[:, :16]
+    nib = np.where(hexd >= ord("a"), hexd - (ord("a") - 10), hexd - ord("0")).astype(np.uint64)
+    x = np.zeros(n, dtype=np.uint64)
+    for k in range(16):
+        x = (x << np.uint64(4)) | nib[:, k]
+    return _splitmix64(x ^ _splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def global_keep(keys: pa.Table, cfg: TextFilterConfig) -> tuple[pa.Table, Counter]:
+    """Which matches survive the global filters; returns ``(kept uid/label/part, drop counts)``.
+
+    ``keys`` holds ``uid``, ``url``, ``label`` and ``part`` (scan part index) of every match.
+    A (uid, label) found in several parts (the same row in two input files) is kept once, in
+    its lowest part. De-duplication keeps, per URL, the rows of the smallest uid (all its
+    labels when ambiguous rows are kept); the cap keeps per class the ``max_per_class`` rows
+    of smallest :func:`cap_hash` (ties by uid).
     """
     counts: Counter = Counter()
-    owner: dict[tuple[str, int], int] = {}
-    url_of: dict[tuple[str, int], str] = {}
-    for u, x, lab, part in zip(
-        keys.column("uid").to_pylist(), keys.column("url").to_pylist(), keys.column("label").to_pylist(), keys.column("part").to_pylist()
-    ):
-        k = (u, lab)
-        if k in owner:
-            counts["dropped_duplicate_row"] += 1
-            owner[k] = min(owner[k], part)
-        else:
-            owner[k] = part
-            url_of[k] = x
-    if cfg.dedup_urls:
-        best: dict[str, str] = {}
-        for (u, _), x in url_of.items():
-            if x not in best or u < best[x]:
-                best[x] = u
-        for k in [k for k, x in url_of.items() if best[x] != k[0]]:
-            del owner[k]
-            counts["dropped_duplicate_url"] += 1
-    if cfg.max_per_class:
-        by_class: dict[int, list[str]] = {}
-        for u, lab in owner:
-            by_class.setdefault(lab, []).append(u)
-        for lab, uids in by_class.items():
-            if len(uids) <= cfg.max_per_class:
-                continue
-            h = cap_hash(uids, cfg.seed)
-            order = np.lexsort((np.asarray(uids), h))
-            for i in order[cfg.max_per_class :]:
-                del owner[(uids[i], lab)]
-                counts["dropped_over_class_cap"] += 1
-    return owner, counts
+    n = keys.num_rows
+    keys = keys.group_by(["uid", "label"], use_threads=False).aggregate(
+        [("part", "min"), ("url", "min")]
+    )
+    keys = keys.rename_columns({"part_min": "part", "url_min": "url"})
+    counts["dropped_duplicate_row"] += n - keys.num_rows
+    if cfg.dedup_urls and keys.num_rows:
+        best = keys.group_by("url", use_threads=False).aggregate([("uid", "min")])
+        joined = keys.join(best, "url", use_threads=False)
+        n = keys.num_rows
+        keys = joined.filter(pc.equal(joined.column("uid"), joined.column("uid_min")))
+        keys = keys.drop_columns(["uid_min"])
+        counts["dropped_duplicate_url"] += n - keys.num_rows
+    if cfg.max_per_class and keys.num_rows:
+        h = cap_hash(keys.column("uid"), cfg.seed)
+        label = keys.column("label").to_numpy()
+        uid = np.asarray(keys.column("uid").to_numpy(zero_copy_only=False))
+        order = np.lexsort((uid, h, label))
+        lab_sorted = label[order]
+        first = np.r_[0, np.flatnonzero(lab_sorted[1:] != lab_sorted[:-1]) + 1]
+        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+        keep = np.zeros(len(order), dtype=bool)
+        keep[order[rank < cfg.max_per_class]] = True
+        counts["dropped_over_class_cap"] += int((~keep).sum())
+        keys = keys.filter(pa.array(keep))
+    return keys.select(["uid", "label", "part"]), counts
 
 
-def finalize_part(index: int, out: str, keep: dict[tuple[str, int], int]) -> int:
-    """Write ``part-<index>.parquet``: the rows of its scan part that ``keep`` assigns to it."""
+def _keep_path(out: str, index: int) -> str:
+    return io.join(out, SCAN_DIR, f"keep-{index:05d}.parquet")
+
+
+def finalize_part(index: int, out: str) -> int:
+    """Write ``part-<index>.parquet``: the rows of scan part ``index`` whose (uid, label) its
+    keep file lists, sorted by (uid, label). Returns the number of rows written."""
     part, _ = _piece_paths(out, index)
     table = io.read_parquet(part)
-    mask, seen = [], set()
-    for u, lab in zip(table.column("uid").to_pylist(), table.column("label").to_pylist()):
-        k = (u, lab)
-        mask.append(keep.get(k) == index and k not in seen)
-        seen.add(k)
-    table = table.filter(pa.array(mask, pa.bool_()))
+    keep = io.read_parquet(_keep_path(out, index)).select(["uid", "label"])
+    table = table.join(keep, keys=["uid", "label"], join_type="left semi", use_threads=False)
+    table = table.sort_by([("uid", "ascending"), ("label", "ascending")])
     io.write_parquet(table, io.join(out, f"part-{index:05d}.parquet"))
     return table.num_rows
 
@@ -380,7 +444,9 @@ def check_inputs(files: list[str], cfg: TextFilterConfig) -> tuple[list[str], di
                 schema = pq.read_schema(fh)
         except Exception as e:
             if not cfg.skip_bad_files:
-                raise io.InputError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from e
+                raise io.InputError(
+                    f"{f}: not a readable parquet file ({type(e).__name__}: {e})"
+                ) from e
             bad[f] = f"{type(e).__name__}: {e}"
             continue
         resolve_columns(schema, cfg.columns, f)
@@ -412,7 +478,13 @@ def run_text_filter(
     good, bad = check_inputs(files, cfg)
     good_set = set(good)
     todo = [(i, f) for i, f in indexed if f in good_set]
-    log.info("text filter: %d files (%d unreadable), %d classes -> %s", len(files), len(bad), spec.num_classes, out)
+    log.info(
+        "text filter: %d files (%d unreadable), %d classes -> %s",
+        len(files),
+        len(bad),
+        spec.num_classes,
+        out,
+    )
     classes, synonyms = list(spec.classes), {k: list(v) for k, v in spec.synonyms.items()}
     from pipeline.spark import get_spark
 
@@ -439,26 +511,32 @@ def run_text_filter(
         counts.update(r.get("counts", {}))
         per_class.update({int(k): v for k, v in r.get("per_class", {}).items()})
         timings.update(r.get("timings", {}))
-    # Global filters over the keys of all matches, then tasks rewrite the parts.
+    # Global filters over the keys of all matches (driver), then tasks rewrite the parts.
+    from tqdm import tqdm
+
     t_global = time.perf_counter()
     key_tables = []
-    for i in done:
+    for i in tqdm(done, desc="read match keys", unit="part", disable=None):
         t = io.read_parquet(_piece_paths(out, i)[0], columns=["uid", "url", "label"])
         key_tables.append(t.append_column("part", pa.array(np.full(t.num_rows, i, dtype=np.int64))))
-    keys = (
-        pa.concat_tables(key_tables)
-        if key_tables
-        else pa.table({"uid": pa.array([], pa.string()), "url": pa.array([], pa.string()), "label": pa.array([], pa.int32()), "part": pa.array([], pa.int64())})
-    )
-    keep, gcounts = global_keep(keys, cfg)
+    keys = pa.concat_tables(key_tables) if key_tables else _KEYS_SCHEMA.empty_table()
+    kept, gcounts = global_keep(keys, cfg)
+    del keys, key_tables
     counts.update(gcounts)
-    keep_b = sc.broadcast(keep)
-    kept_rows = sc.parallelize(done, max(1, len(done))).map(lambda i: finalize_part(i, out, keep_b.value)).collect()
+    kept = kept.sort_by("part")
+    parts = kept.column("part").to_numpy()
+    bounds = np.searchsorted(parts, np.asarray(done, dtype=np.int64), side="left")
+    bounds_end = np.searchsorted(parts, np.asarray(done, dtype=np.int64), side="right")
+    for i, a, b in tqdm(
+        list(zip(done, bounds, bounds_end)), desc="write keep lists", unit="part", disable=None
+    ):
+        io.write_parquet(kept.slice(a, b - a).select(["uid", "label"]), _keep_path(out, i))
+    final_per_class = Counter(kept.column("label").to_numpy().tolist())
+    del kept, parts
+    kept_rows = (
+        sc.parallelize(done, max(1, len(done))).map(lambda i: finalize_part(i, out)).collect()
+    )
     global_s = time.perf_counter() - t_global
-    final_per_class = Counter()
-    for i in done:
-        t = io.read_parquet(io.join(out, f"part-{i:05d}.parquet"), columns=["label"])
-        final_per_class.update(t.column("label").to_pylist())
     stats = {
         "dataset": spec.name,
         "files": len(files),
@@ -466,9 +544,17 @@ def run_text_filter(
         "rows_scanned": int(counts.get("rows_scanned", 0)),
         "rows_matched_before_global_filters": int(counts.get("rows_matched", 0)),
         "rows_matched": int(sum(kept_rows)),
-        "dropped": {k[len("dropped_") :]: int(v) for k, v in sorted(counts.items()) if k.startswith("dropped_")},
-        "per_class": {spec.classes[c]: int(final_per_class.get(c, 0)) for c in range(spec.num_classes)},
-        "empty_classes": [spec.classes[c] for c in range(spec.num_classes) if not final_per_class.get(c)],
+        "dropped": {
+            k[len("dropped_") :]: int(v)
+            for k, v in sorted(counts.items())
+            if k.startswith("dropped_")
+        },
+        "per_class": {
+            spec.classes[c]: int(final_per_class.get(c, 0)) for c in range(spec.num_classes)
+        },
+        "empty_classes": [
+            spec.classes[c] for c in range(spec.num_classes) if not final_per_class.get(c)
+        ],
         "timings": {
             "scan_wall_s": round(scan_s, 3),
             "global_s": round(global_s, 3),
@@ -512,7 +598,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="bundled dataset name or path.yaml")
-    p.add_argument("--metadata", required=True, help="parquet file, directory, glob or URL (s3://, hf://, ...)")
+    p.add_argument(
+        "--metadata", required=True, help="parquet file, directory, glob or URL (s3://, hf://, ...)"
+    )
     p.add_argument("--out", required=True, help="output directory URL")
     p.add_argument("--master", help="Spark master when no session is active (default local[*])")
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
@@ -521,5 +609,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_filter(args: argparse.Namespace) -> int:
     cfg = stage_config(TextFilterConfig, "filter", args.config, args.overrides)
     stats = run_text_filter(cfg, args.dataset, args.metadata, args.out, args.master, args.overwrite)
-    sys.stdout.write(f"{stats['rows_matched']} matches of {stats['rows_scanned']} rows -> {args.out}\n")
+    sys.stdout.write(
+        f"{stats['rows_matched']} matches of {stats['rows_scanned']} rows -> {args.out}\n"
+    )
     return 0

@@ -1,70 +1,224 @@
-"""Issue 2: the dataset registry: counts, label-order anchors, templates, user YAMLs."""
+"""The dataset registry: counts, label-order anchors, templates, synonyms, descriptions, user YAMLs.
+
+Label-order anchors pin each file to its source (conf/datasets/_build.py says which): a class
+list that is complete but shifted or re-sorted would silently mislabel every task image.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from functools import cache
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, list_datasets, load_dataset
+from pipeline.config import ConfigError, DatasetSpec, list_datasets, load_dataset
+from pipeline.matcher import normalize_text
+from pipeline.tasks import LAYOUTS
 
 EXPECTED = {
-    "ImageNet": (1000, {0: "tench", 1: "goldfish", 999: "toilet paper"}),
-    "ImageNet-V2": (1000, {0: "tench", 999: "toilet paper"}),
-    "ImageNet-Sketch": (1000, {0: "tench", 999: "toilet paper"}),
-    "ImageNet-R": (200, {0: "goldfish", 1: "great white shark", 199: "acorn"}),
-    "ImageNet-A": (200, {0: "stingray", 1: "goldfinch", 199: "acorn"}),
-    "StanfordCars": (196, {0: "AM General Hummer SUV 2000", 195: "smart fortwo Convertible 2012"}),
-    "FGVCAircraft": (100, {0: "707-320", 1: "727-200", 99: "Yak-42"}),
-    "Flowers102": (102, {0: "pink primrose", 101: "blackberry lily"}),
-    "Food101": (101, {0: "apple pie", 100: "waffles"}),
-    "OxfordIIITPet": (37, {0: "Abyssinian", 1: "American Bulldog", 36: "Yorkshire Terrier"}),
-    "SUN397": (397, {0: "abbey", 1: "airplane cabin", 396: "youth hostel"}),
+    "ImageNet": (
+        1000,
+        {
+            0: "tench",
+            1: "goldfish",
+            2: "great white shark",
+            657: "missile",
+            744: "projectile",
+            836: "sunglass",
+            837: "sunglasses",
+            999: "toilet paper",
+        },
+    ),
+    "ImageNet-V2": (1000, {0: "tench", 1: "goldfish", 999: "toilet paper"}),
+    "ImageNet-Sketch": (1000, {0: "tench", 1: "goldfish", 999: "toilet paper"}),
+    "ImageNet-R": (
+        200,
+        {0: "goldfish", 1: "great white shark", 2: "hammerhead shark", 199: "acorn"},
+    ),
+    "ImageNet-A": (200, {0: "stingray", 1: "goldfinch", 2: "junco", 198: "corn", 199: "acorn"}),
+    "StanfordCars": (
+        196,
+        {
+            0: "AM General Hummer SUV 2000",
+            1: "Acura RL Sedan 2012",
+            5: "Acura Integra Type R 2001",
+            173: "Ram C/V Cargo Van Minivan 2012",
+            195: "smart fortwo Convertible 2012",
+        },
+    ),
+    "FGVCAircraft": (100, {0: "707-320", 1: "727-200", 72: "F-16A/B", 73: "F/A-18", 99: "Yak-42"}),
+    "Flowers102": (
+        102,
+        {
+            0: "pink primrose",
+            1: "hard-leaved pocket orchid",
+            11: "colt's foot",
+            101: "blackberry lily",
+        },
+    ),
+    "Food101": (101, {0: "apple pie", 1: "baby back ribs", 29: "cup cakes", 100: "waffles"}),
+    # Class-id order (Bengal is label 5), not prompts.md's cats-first order.
+    "OxfordIIITPet": (
+        37,
+        {0: "Abyssinian", 1: "American Bulldog", 5: "Bengal", 36: "Yorkshire Terrier"},
+    ),
+    "SUN397": (397, {0: "abbey", 1: "airplane cabin", 9: "apse indoor", 396: "youth hostel"}),
     "FashionMNIST": (10, {0: "T-shirt", 9: "ankle boot"}),
 }
+IMAGENET_FAMILY = ("ImageNet", "ImageNet-V2", "ImageNet-Sketch", "ImageNet-R", "ImageNet-A")
+SCHEMA_KEYS = [
+    "name",
+    "source",
+    "layout",
+    "classes",
+    "templates",
+    "synonyms",
+    "descriptions",
+    "imagenet_indices",
+]
+
+
+@cache
+def spec(name: str) -> DatasetSpec:
+    return load_dataset(name)
+
+
+def raw(name: str) -> dict:
+    return yaml.safe_load(Path(spec(name).path).read_text(encoding="utf-8"))
 
 
 def test_every_dataset_is_registered():
     assert set(EXPECTED) <= set(list_datasets())
+    assert not [n for n in list_datasets() if n.startswith("_")]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_counts_anchors_templates(name):
-    spec = load_dataset(name)
+    s = spec(name)
     count, anchors = EXPECTED[name]
-    assert spec.num_classes == count
+    assert s.name == name and Path(s.path).stem == name
+    assert s.num_classes == count
     for i, cls in anchors.items():
-        assert spec.classes[i] == cls, (name, i)
-    assert len(set(spec.classes)) == count and all(spec.classes)
-    assert spec.templates
-    for t in spec.templates:
+        assert s.classes[i] == cls, (name, i)
+    assert len(set(s.classes)) == count and all(s.classes)
+    assert s.templates
+    for t in s.templates:
         formatted = t.replace("{}", "X")
-        assert t.count("{}") == 1 and "X" in formatted and "{" not in formatted
-    assert spec.prompts(0)[0] == spec.templates[0].replace("{}", spec.classes[0])
+        assert (
+            t.count("{}") == 1
+            and "X" in formatted
+            and "{" not in formatted
+            and "}" not in formatted
+        )
+    for i in (0, count - 1):
+        assert s.prompts(i) == [t.replace("{}", s.classes[i]) for t in s.templates]
+    assert s.layout in LAYOUTS
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_yaml_is_the_schema_and_names_round_trip(name):
+    doc = raw(name)
+    keys = list(doc)
+    assert keys == [k for k in SCHEMA_KEYS if k in keys], keys  # known keys, in schema order
+    assert {"name", "classes", "templates", "layout"} <= set(keys)
+    # Every class name is a string exactly as written (no YAML coercion to numbers or
+    # booleans, no whitespace the loader would strip).
+    assert all(type(c) is str for c in doc["classes"])
+    assert tuple(doc["classes"]) == spec(name).classes
+    assert tuple(doc["templates"]) == spec(name).templates
+    assert ("imagenet_indices" in keys) == (name in ("ImageNet-R", "ImageNet-A"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_names_and_synonyms_stay_distinct_for_the_caption_matcher(name):
+    """Captions are matched after normalisation (case, punctuation): two classes that
+    normalise alike, or a synonym that names another class, could never be told apart."""
+    s = spec(name)
+    owner: dict[str, str] = {}
+    for c in s.classes:
+        key = normalize_text(c)
+        assert key, c
+        assert key not in owner, (c, owner.get(key))
+        owner[key] = c
+    for c, terms in s.synonyms.items():
+        assert c in s.classes and terms
+        for t in terms:
+            key = normalize_text(t)
+            assert key and owner.setdefault(key, c) == c, (c, t, owner[key])
+
+
+def test_some_synonyms_are_given():
+    assert "Yorkie" in spec("OxfordIIITPet").synonyms["Yorkshire Terrier"]
+    assert "ball moss" in spec("Flowers102").synonyms["air plant"]  # the dataset's own name
+    assert "cupcake" in spec("Food101").synonyms["cup cakes"]
+    assert "crème brûlée" in spec("Food101").synonyms["creme brulee"]  # non-ASCII round-trips
+
+
+def test_prompts_keep_apostrophes_and_slashes():
+    assert spec("Flowers102").prompts(11) == ["a photo of a colt's foot, a type of flower."]
+    assert spec("FGVCAircraft").prompts(73)[0] == "a photo of a F/A-18, a type of aircraft."
+
+
+def test_imagenet_variants_share_imagenet_names_and_templates():
+    imagenet = spec("ImageNet")
+    assert len(imagenet.templates) == 80 and imagenet.templates[0] == "a bad photo of a {}."
+    for name in ("ImageNet-V2", "ImageNet-Sketch"):
+        assert spec(name).classes == imagenet.classes
+    for name in IMAGENET_FAMILY:
+        assert spec(name).templates == imagenet.templates
+        assert spec(name).layout == "imagefolder"
 
 
 def test_imagenet_subsets_point_into_imagenet():
-    imagenet = load_dataset("ImageNet")
+    imagenet = spec("ImageNet")
     for name in ("ImageNet-R", "ImageNet-A"):
-        spec = load_dataset(name)
-        idx = spec.imagenet_indices
-        assert len(idx) == 200 and list(idx) == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < 1000
-        assert [imagenet.classes[i] for i in idx] == list(spec.classes)
-    assert load_dataset("ImageNet-R").imagenet_indices[0] == 1  # goldfish
-    assert load_dataset("ImageNet-A").imagenet_indices[:2] == (6, 11)  # stingray, goldfinch
+        s = spec(name)
+        idx = s.imagenet_indices
+        assert len(idx) == 200 and all(b > a for a, b in zip(idx, idx[1:]))
+        assert 0 <= idx[0] and idx[-1] < 1000
+        assert [imagenet.classes[i] for i in idx] == list(s.classes)
+    assert spec("ImageNet-R").imagenet_indices[:3] == (1, 2, 4)  # goldfish, great white, hammerhead
+    assert spec("ImageNet-A").imagenet_indices[:3] == (6, 11, 13)  # stingray, goldfinch, junco
+    assert spec("ImageNet-A").imagenet_indices[-1] == spec("ImageNet-R").imagenet_indices[-1] == 988
+    # The two subsets overlap but differ.
+    shared = set(spec("ImageNet-R").imagenet_indices) & set(spec("ImageNet-A").imagenet_indices)
+    assert len(shared) == 86
 
 
-def test_imagenet_descriptions_cover_every_class():
-    spec = load_dataset("ImageNet")
-    assert spec.descriptions and all(spec.class_descriptions(i) for i in range(spec.num_classes))
+@pytest.mark.parametrize("name", IMAGENET_FAMILY)
+def test_imagenet_descriptions_cover_every_class(name):
+    s = spec(name)
+    assert raw(name)["descriptions"] == "descriptions/ImageNet.json"
+    assert s.descriptions
+    for i in range(s.num_classes):
+        sentences = s.class_descriptions(i)
+        assert sentences and all(isinstance(x, str) and x.strip() for x in sentences), s.classes[i]
+
+
+def test_imagenet_descriptions_are_keyed_by_imagenet_names():
+    assert list(spec("ImageNet").descriptions) == list(spec("ImageNet").classes)
 
 
 def test_user_yaml_by_path_loads_like_the_bundled_name(tmp_path):
-    src = load_dataset("StanfordCars")
+    src = spec("StanfordCars")
     copy = tmp_path / "mycars.yaml"
     shutil.copy(src.path, copy)
     mine = load_dataset(str(copy))
-    assert (mine.classes, mine.templates, mine.synonyms, mine.layout) == (src.classes, src.templates, src.synonyms, src.layout)
+    assert mine.path == str(copy)
+    assert dataclasses.replace(mine, path=src.path) == src
+    assert load_dataset(copy) == mine  # a Path works as well as a str
+
+
+def test_user_yaml_with_descriptions_resolves_them_next_to_itself(tmp_path):
+    src = spec("ImageNet-R")
+    shutil.copy(src.path, tmp_path / "imr.yaml")
+    (tmp_path / "descriptions").mkdir()
+    shutil.copy(Path(src.path).parent / "descriptions" / "ImageNet.json", tmp_path / "descriptions")
+    mine = load_dataset(str(tmp_path / "imr.yaml"))
+    assert dataclasses.replace(mine, path=src.path) == src
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,9 @@ def _write(tmp_path, name, rows, schema="laion2b"):
     d.mkdir(exist_ok=True)
     urls = [r[0] for r in rows]
     caps = [r[1] for r in rows]
-    pq.write_table(laion_table(len(rows), schema=schema, urls=urls, captions=caps), d / "part-0.parquet")
+    pq.write_table(
+        laion_table(len(rows), schema=schema, urls=urls, captions=caps), d / "part-0.parquet"
+    )
     return str(d)
 
 
@@ -65,7 +67,9 @@ def test_filter_end_to_end_known_answers(tmp_path, dataset_yaml, schema):
     want = {u: c for u, _, c in KNOWN if c}
     assert {u: r["class_name"] for u, r in got.items()} == want
     for u, r in got.items():
-        assert r["uid"] == io.make_uid(u, r["caption"]) and r["label"] == CLASSES.index(r["class_name"])
+        assert r["uid"] == io.make_uid(u, r["caption"]) and r["label"] == CLASSES.index(
+            r["class_name"]
+        )
         assert {"width", "height", "similarity", "punsafe", "pwatermark"} <= set(r)
     assert got["http://a.test/9.jpg"]["matched_term"] == "goldie"
     stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
@@ -87,7 +91,9 @@ def test_keep_ambiguous_and_row_filters(tmp_path, dataset_yaml):
     amb = t.filter(pa.compute.equal(t.column("url"), "http://a.test/5.jpg"))
     assert sorted(amb.column("class_name").to_pylist()) == ["rose", "tabby cat"]
     assert stats["rows_matched"] == 7
-    stats = run_text_filter(TextFilterConfig(min_width=10**6), dataset_yaml, meta, str(tmp_path / "small"))
+    stats = run_text_filter(
+        TextFilterConfig(min_width=10**6), dataset_yaml, meta, str(tmp_path / "small")
+    )
     assert stats["rows_matched"] == 0 and stats["dropped"]["too_small"] == 5
 
 
@@ -96,10 +102,20 @@ def test_cap_is_seeded_sample_and_dedup(tmp_path, dataset_yaml):
     rows += [("http://a.test/0.jpg", "same url, another tabby cat caption", "tabby cat")]
     meta = _write(tmp_path, "in", rows)
     uids = lambda d: sorted(ds.dataset(d).to_table().column("uid").to_pylist())  # noqa: E731
-    s1 = run_text_filter(TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "a"))
-    run_text_filter(TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "b"))
-    run_text_filter(TextFilterConfig(max_per_class=10, seed=2), dataset_yaml, meta, str(tmp_path / "c"))
-    assert s1["rows_matched"] == 10 and s1["dropped"]["duplicate_url"] == 1 and s1["dropped"]["over_class_cap"] == 30
+    s1 = run_text_filter(
+        TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "a")
+    )
+    run_text_filter(
+        TextFilterConfig(max_per_class=10, seed=1), dataset_yaml, meta, str(tmp_path / "b")
+    )
+    run_text_filter(
+        TextFilterConfig(max_per_class=10, seed=2), dataset_yaml, meta, str(tmp_path / "c")
+    )
+    assert (
+        s1["rows_matched"] == 10
+        and s1["dropped"]["duplicate_url"] == 1
+        and s1["dropped"]["over_class_cap"] == 30
+    )
     assert uids(str(tmp_path / "a")) == uids(str(tmp_path / "b"))
     assert uids(str(tmp_path / "a")) != uids(str(tmp_path / "c"))
     # Not the first rows in file order.
@@ -110,11 +126,41 @@ def test_cap_is_seeded_sample_and_dedup(tmp_path, dataset_yaml):
 def test_missing_column_fails_naming_file_and_column(tmp_path, dataset_yaml, caplog):
     d = tmp_path / "bad"
     d.mkdir()
-    pq.write_table(pa.table({"URL": ["http://a.test/x.jpg"], "CAPTION_TEXT": ["tabby cat"]}), d / "p.parquet")
-    assert main(["filter", "--dataset", dataset_yaml, "--metadata", str(d), "--out", str(tmp_path / "o")]) == 2
+    pq.write_table(
+        pa.table({"URL": ["http://a.test/x.jpg"], "CAPTION_TEXT": ["tabby cat"]}), d / "p.parquet"
+    )
+    assert (
+        main(
+            [
+                "filter",
+                "--dataset",
+                dataset_yaml,
+                "--metadata",
+                str(d),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "p.parquet" in caplog.text and "'caption'" in caption_text(caplog)
     # A column mapping fixes it.
-    assert main(["filter", "--dataset", dataset_yaml, "--metadata", str(d), "--out", str(tmp_path / "o"), "--set", "filter.columns.caption=[CAPTION_TEXT]"]) == 0
+    assert (
+        main(
+            [
+                "filter",
+                "--dataset",
+                dataset_yaml,
+                "--metadata",
+                str(d),
+                "--out",
+                str(tmp_path / "o"),
+                "--set",
+                "filter.columns.caption=[CAPTION_TEXT]",
+            ]
+        )
+        == 0
+    )
 
 
 def caption_text(caplog):
@@ -160,7 +206,9 @@ def test_resume_after_failed_run_reuses_scans(tmp_path, dataset_yaml):
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
     from pipeline.synthetic import laion_table
 
-    table = laion_table(len(KNOWN), schema="relaion", urls=[r[0] for r in KNOWN], captions=[r[1] for r in KNOWN])
+    table = laion_table(
+        len(KNOWN), schema="relaion", urls=[r[0] for r in KNOWN], captions=[r[1] for r in KNOWN]
+    )
     io.write_parquet(table, io.join(s3_bucket, "laion", "part-0.parquet"))
     out = io.join(s3_bucket, "matches")
     stats = run_text_filter(TextFilterConfig(), dataset_yaml, io.join(s3_bucket, "laion"), out)
@@ -179,11 +227,24 @@ def test_hostile_captions_never_crash(tmp_path, dataset_yaml):
     d = tmp_path / "in"
     d.mkdir()
     # Invalid UTF-8 bytes in a binary caption column.
-    t = pa.table({"url": [r[0] for r in rows] + ["http://a.test/5.jpg"], "caption": pa.array([r[1].encode() for r in rows] + [b"\xff\xfe tabby cat \xc3"], pa.binary())})
+    t = pa.table(
+        {
+            "url": [r[0] for r in rows] + ["http://a.test/5.jpg"],
+            "caption": pa.array(
+                [r[1].encode() for r in rows] + [b"\xff\xfe tabby cat \xc3"], pa.binary()
+            ),
+        }
+    )
     pq.write_table(t, d / "p.parquet")
     stats = run_text_filter(TextFilterConfig(), dataset_yaml, str(d), str(tmp_path / "out"))
-    got = {r["url"]: r["class_name"] for r in ds.dataset(str(tmp_path / "out")).to_table().to_pylist()}
-    assert got == {"http://a.test/2.jpg": "golden retriever", "http://a.test/4.jpg": "rose", "http://a.test/5.jpg": "tabby cat"}
+    got = {
+        r["url"]: r["class_name"] for r in ds.dataset(str(tmp_path / "out")).to_table().to_pylist()
+    }
+    assert got == {
+        "http://a.test/2.jpg": "golden retriever",
+        "http://a.test/4.jpg": "rose",
+        "http://a.test/5.jpg": "tabby cat",
+    }
     assert stats["dropped"]["caption_too_long"] == 1
 
 
@@ -197,8 +258,91 @@ def test_spark_submit_job(tmp_path, dataset_yaml):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     r = subprocess.run(
-        [submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false", os.path.join(repo, "jobs", "text_filter.py"), "--dataset", dataset_yaml, "--metadata", meta, "--out", out],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            submit,
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.ui.enabled=false",
+            os.path.join(repo, "jobs", "text_filter.py"),
+            "--dataset",
+            dataset_yaml,
+            "--metadata",
+            meta,
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert io.is_done(out) and ds.dataset(out).to_table().num_rows == 5
+
+
+def test_row_filters_in_the_pure_core():
+    """filter_batch alone (no Spark): size, safety and similarity filters, counted by reason."""
+    from collections import Counter
+
+    from pipeline.matcher import Matcher
+    from pipeline.text_filter import filter_batch, resolve_columns
+
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "URL": [f"http://a.test/{i}.jpg" for i in range(5)],
+            "TEXT": ["a rose"] * 5,
+            "WIDTH": [10, 500, 500, 500, None],
+            "HEIGHT": [500, 500, 500, 500, 500],
+            "punsafe": [0.0, 0.9, 0.0, 0.0, 0.0],
+            "similarity": [0.3, 0.3, 0.1, 0.3, 0.3],
+        }
+    )
+    cfg = TextFilterConfig(min_width=100, max_punsafe=0.5, min_similarity=0.2)
+    cols = resolve_columns(batch.schema, cfg.columns, "mem")
+    stats = Counter()
+    out = filter_batch(batch, cols, Matcher(CLASSES), cfg, CLASSES, stats)
+    assert out.column("url").to_pylist() == ["http://a.test/3.jpg"]
+    assert (
+        out.schema.field("label").type == pa.int32()
+        and out.schema.field("width").type == pa.int64()
+    )
+    assert {k: stats[k] for k in ("dropped_too_small", "dropped_unsafe", "dropped_low_similarity", "rows_matched")} == {
+        "dropped_too_small": 2, "dropped_unsafe": 1, "dropped_low_similarity": 1, "rows_matched": 1,
+    }  # fmt: skip
+
+
+def test_rerun_is_byte_identical_and_duplicate_files_count_once(tmp_path, dataset_yaml):
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / "in"
+    d.mkdir()
+    t = laion_table(400, CLASSES, seed=3, match_rate=0.5)
+    pq.write_table(t, d / "a.parquet")
+    pq.write_table(t.slice(0, 100), d / "b.parquet")  # the same rows again in a second file
+    out = str(tmp_path / "out")
+    s1 = run_text_filter(TextFilterConfig(), dataset_yaml, str(d), out)
+    first = {
+        p: open(os.path.join(out, p), "rb").read()
+        for p in sorted(os.listdir(out))
+        if p.startswith("part-")
+    }
+    assert list(first) == ["part-00000.parquet", "part-00001.parquet"]
+    assert s1["dropped"]["duplicate_row"] > 0
+    uids = ds.dataset(out).to_table().column("uid").to_pylist()
+    assert len(uids) == len(set(uids)) == s1["rows_matched"]
+    assert (
+        main(
+            ["filter", "--dataset", dataset_yaml, "--metadata", str(d), "--out", out, "--overwrite"]
+        )
+        == 0
+    )
+    assert {p: open(os.path.join(out, p), "rb").read() for p in first} == first
+
+
+def test_bad_config_is_a_clear_error(tmp_path, dataset_yaml, caplog):
+    meta = _write(tmp_path, "in", KNOWN)
+    argv = ["filter", "--dataset", dataset_yaml, "--metadata", meta, "--out", str(tmp_path / "o")]
+    assert main([*argv, "--set", "filter.max_per_class=-1", "--set", "filter.nope=1"]) == 2
+    assert "max_per_class" in caplog.text or "nope" in caplog.text
+    assert not os.path.exists(tmp_path / "o" / "_SUCCESS")

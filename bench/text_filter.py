@@ -1,0 +1,157 @@
+"""Text-filter throughput: the matcher and `primer filter` against baselines, in one run.
+
+    python bench/text_filter.py            # 2M captions, 1000 ImageNet class names (~3 min)
+    python bench/text_filter.py --quick    # 200k captions (< 1 min)
+
+Rows: a bare pyarrow read of the caption column (the floor); the matcher alone on one core,
+with each engine; `primer filter` end to end on local[2] (session already started, time from
+the call to _SUCCESS); Spark's `rlike` with one big case-insensitive alternation and a naive
+per-class Python regex loop, each on a slice. Ratios are against the matcher (default engine).
+Captions: pipeline.synthetic (LAION-like, mean ~67 characters, 5% planted class names).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The bench directory goes last on sys.path: a bench script named like a stdlib module
+# (bench/select.py) must not shadow it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from _util import table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", type=int)
+    args = ap.parse_args()
+    n = args.rows or (200_000 if args.quick else 2_000_000)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pipeline.config import load_dataset
+
+    classes = list(load_dataset("ImageNet").classes)
+    tmp = tempfile.mkdtemp(prefix="primer-bench-filter-")
+    try:
+        run(n, args.quick, classes, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
+    from pipeline.matcher import Matcher
+    from pipeline.synthetic import laion_table, make_captions
+
+    files = 4
+    meta = os.path.join(tmp, "meta")
+    os.makedirs(meta)
+    t0 = time.perf_counter()
+    caps, _ = make_captions(n, classes, match_rate=0.05, seed=0, mean_words=11.0)
+    step = -(-n // files)
+    for i in range(files):
+        part = caps[i * step : (i + 1) * step]
+        pq.write_table(
+            laion_table(len(part), schema="laion2b", seed=i, captions=part),
+            os.path.join(meta, f"part-{i}.parquet"),
+        )
+    mb = sum(len(c.encode()) for c in caps) / 1e6
+    print(
+        f"{n:,} captions, mean {sum(map(len, caps)) / n:.1f} chars, {mb:.0f} MB of caption text, {len(classes)} classes (generated in {time.perf_counter() - t0:.0f} s)"
+    )
+    rows = []
+
+    def add(name, count, seconds, note=""):
+        rows.append(
+            {
+                "method": name,
+                "captions": count,
+                "seconds": seconds,
+                "captions/s": count / seconds,
+                "MB/s": mb * count / n / seconds,
+                "note": note,
+            }
+        )
+
+    t0 = time.perf_counter()
+    total = sum(
+        pq.read_table(os.path.join(meta, f"part-{i}.parquet"), columns=["TEXT"]).num_rows
+        for i in range(files)
+    )
+    add("pyarrow read (floor)", total, time.perf_counter() - t0)
+
+    arr = pa.array(caps)
+    default_engine = Matcher(classes[:1]).engine
+    for engine in dict.fromkeys([default_engine, "ahocorasick"]):
+        t0 = time.perf_counter()
+        matcher = Matcher(classes, engine=engine)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        matched = ambiguous = 0
+        for s in range(0, n, 65536):
+            label = matcher.match(arr.slice(s, 65536)).label
+            matched += int((label >= 0).sum())
+            ambiguous += int((label == -2).sum())
+        note = f"{matched:,} one class, {ambiguous:,} ambiguous; built in {build_s * 1000:.0f} ms"
+        add(f"matcher, 1 core ({engine})", n, time.perf_counter() - t0, note)
+
+    from pipeline.spark import get_spark
+    from pipeline.text_filter import TextFilterConfig, run_text_filter
+
+    spark = get_spark("local[2]", app_name="bench")
+    # Warm-up on a tiny input: starts Spark's Python workers and their imports, which a long
+    # job pays once (a few seconds) and a 2M-row bench should not count as throughput.
+    warm = os.path.join(tmp, "warm")
+    os.makedirs(warm)
+    pq.write_table(
+        laion_table(1000, schema="laion2b", captions=caps[:1000]), os.path.join(warm, "w.parquet")
+    )
+    run_text_filter(TextFilterConfig(), "ImageNet", warm, os.path.join(tmp, "warm-out"))
+    t0 = time.perf_counter()
+    stats = run_text_filter(TextFilterConfig(), "ImageNet", meta, os.path.join(tmp, "out"))
+    t = stats["timings"]
+    note = f"{stats['rows_matched']:,} kept; scan {t['scan_wall_s']:.1f} s, global {t['global_s']:.1f} s"
+    add("primer filter, local[2]", n, time.perf_counter() - t0, note)
+
+    slice_n = min(n, 100_000 if not quick else 20_000)
+    pattern = r"(?i)\b(" + "|".join(re.escape(c) for c in classes) + r")\b"
+    df = spark.createDataFrame(pa.table({"caption": caps[:slice_n]}).to_pandas())
+    df.cache().count()
+    t0 = time.perf_counter()
+    hits = df.filter(df.caption.rlike(pattern)).count()
+    add("Spark rlike alternation", slice_n, time.perf_counter() - t0, f"slice, {hits:,} hits")
+
+    loop_n = min(n, 3000)
+    regs = [re.compile(r"\b" + re.escape(c.lower()) + r"\b") for c in classes]
+    t0 = time.perf_counter()
+    for c in caps[:loop_n]:
+        low = c.lower()
+        [r.search(low) for r in regs]
+    add("per-class Python loop", loop_n, time.perf_counter() - t0, "slice")
+
+    base = rows[1]["captions/s"]
+    for r in rows:
+        r["vs matcher"] = r["captions/s"] / base
+    print(
+        table(rows, ["method", "captions", "seconds", "captions/s", "MB/s", "vs matcher", "note"])
+    )
+    e2e = next(r for r in rows if r["method"].startswith("primer filter"))
+    rl = next(r for r in rows if r["method"].startswith("Spark rlike"))
+    print(
+        f"\nprimer filter vs Spark rlike: {e2e['captions/s'] / rl['captions/s']:.0f}x; matcher vs bare read: {base / rows[0]['captions/s']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
