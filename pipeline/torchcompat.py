@@ -14,18 +14,25 @@ import functools
 
 @functools.cache
 def ensure_torchvision() -> None:
-    """Make ``import torchvision`` work (idempotent); then import it."""
+    """Make ``import torchvision`` work (idempotent). A working torchvision (GPU machines) is
+    imported as is; only when its ops fail to load are the two schemas declared first."""
+    import sys
+
     import torch
 
     try:
-        torch.ops.torchvision.nms  # noqa: B018 - probing for the registered op
-    except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        # Keep the library object alive for the life of the process.
-        ensure_torchvision._lib = lib  # type: ignore[attr-defined]
-    import torchvision  # noqa: F401
+        import torchvision  # noqa: F401
+
+        return
+    except RuntimeError:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    # Keep the library object alive for the life of the process.
+    ensure_torchvision._lib = lib  # type: ignore[attr-defined]
+    import torchvision  # noqa: F401, F811
 
 
 def import_open_clip():
