@@ -12,24 +12,17 @@ Captions: pipeline.synthetic (LAION-like, mean ~67 characters, 5% planted class 
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
-import sys
+import re
+import shutil
+import tempfile
+import time
 
-# The bench directory goes last on sys.path: a bench script named like a stdlib module
-# (bench/select.py) must not shadow it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from _util import table  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
+from _util import table
 
 
 def main() -> None:

@@ -17,6 +17,11 @@ matches, so their keys (about 150 bytes a match: some 15 GB for 100M matches) mu
 driver memory. It writes the surviving keys of each part to ``_scan/keep-<index>.parquet``,
 and Spark tasks rewrite each scan part as ``part-<file index>.parquet``, rows sorted by
 (uid, label): the same input and config give the same files, byte for byte.
+
+Output at ``--out``: ``part-<file index>.parquet`` (see docs/architecture.md for the columns),
+``_stats.json``, ``_config.json`` and ``_SUCCESS`` last. The JSON files carry a leading
+underscore so that ``pyarrow.dataset.dataset(out)`` (which skips ``_``/``.`` names) reads the
+parquet parts alone; a plain ``stats.json`` there makes it fail.
 """
 
 from __future__ import annotations
@@ -222,21 +227,23 @@ def filter_batch(
         )
         stats["dropped_low_similarity"] += int((low & keep).sum())
         keep &= ~low
+    sel = pa.array(np.flatnonzero(keep))
+    idx = idx.take(sel)
     url_sel = urls.take(idx)
     cap_sel = captions.take(idx)
-    labels = np.asarray(labs, dtype=np.int32)
-    uid = io.make_uids(url_sel, cap_sel)
+    labels = pa.array(np.asarray(labs, dtype=np.int32)).take(sel)
+    terms_sel = pa.array(np.asarray(terms, dtype=np.int64)).take(sel)
     table = pa.table(
         {
-            "uid": uid,
+            "uid": io.make_uids(url_sel, cap_sel),  # after the filters: it costs ~1 us a row
             "url": url_sel,
             "caption": cap_sel,
-            "label": pa.array(labels),
-            "class_name": pa.array([classes[i] for i in labs], pa.string()),
-            "matched_term": pa.array([matcher.terms[t].text for t in terms], pa.string()),
-            **extra,
+            "label": labels,
+            "class_name": pa.array(classes, pa.string()).take(labels),
+            "matched_term": pa.array([t.text for t in matcher.terms], pa.string()).take(terms_sel),
+            **{k: v.take(sel) for k, v in extra.items()},
         }
-    ).filter(pa.array(keep))
+    )
     stats["rows_matched"] += table.num_rows
     return table
 
@@ -283,30 +290,39 @@ def scan_file(
     t0 = time.perf_counter()
     stats: Counter = Counter()
     timings = {"read_s": 0.0, "match_s": 0.0, "write_s": 0.0}
+    # Only reading is guarded: a file that cannot be read is bad input (named, or skipped and
+    # listed); an error in the matching code is a bug and always fails the job.
+    tables = []
+    matcher = Matcher(classes, synonyms, engine=cfg.engine)
     try:
         fs, path = io.url_to_fs(url)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
             cols = resolve_columns(pf.schema_arrow, cfg.columns, url)
-            matcher = Matcher(classes, synonyms, engine=cfg.engine)
-            tables = []
-            read_cols = sorted(set(cols.values()))
-            t = time.perf_counter()
-            for batch in pf.iter_batches(batch_size=cfg.batch_rows, columns=read_cols):
-                t1 = time.perf_counter()
-                timings["read_s"] += t1 - t
-                tables.append(filter_batch(batch, cols, matcher, cfg, classes, stats))
+            batches = pf.iter_batches(batch_size=cfg.batch_rows, columns=sorted(set(cols.values())))
+            while True:
                 t = time.perf_counter()
-                timings["match_s"] += t - t1
-        table = pa.concat_tables(tables) if tables else _empty_output(cols)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                finally:
+                    timings["read_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                try:
+                    tables.append(filter_batch(batch, cols, matcher, cfg, classes, stats))
+                except Exception as e:  # not a read error: never skipped as a bad file
+                    raise RuntimeError(f"{url}: text filter failed on a batch: {e!r}") from e
+                timings["match_s"] += time.perf_counter() - t
     except io.InputError:
         raise
-    except Exception as e:
+    except (OSError, pa.ArrowException, ValueError) as e:
         if not cfg.skip_bad_files:
             raise io.InputError(f"{url}: cannot read parquet ({type(e).__name__}: {e})") from e
         result = {"file": url, "bad_file": f"{type(e).__name__}: {e}"}
         io.write_json(stats_url, result)
         return result
+    table = pa.concat_tables(tables) if tables else _empty_output(cols)
     t = time.perf_counter()
     table = _drop_repeated_keys(table.sort_by([("uid", "ascending"), ("label", "ascending")]))
     stats["dropped_duplicate_row"] += stats["rows_matched"] - table.num_rows
@@ -462,11 +478,12 @@ def run_text_filter(
     master: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Run stage 1; returns the stats dict (also written to ``<out>/stats.json``).
+    """Run stage 1; returns the stats dict (also written to ``<out>/_stats.json``).
 
     Raises :class:`pipeline.io.InputError` for a missing input, a missing column or (without
     ``skip_bad_files``) an unreadable file, naming the file. A failed run leaves no
-    ``_SUCCESS``; the rerun reuses finished per-file scans.
+    ``_SUCCESS``; the rerun reuses finished per-file scans when the files, classes and settings
+    are unchanged (and rescans everything otherwise).
     """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, STATS))
@@ -486,6 +503,9 @@ def run_text_filter(
         out,
     )
     classes, synonyms = list(spec.classes), {k: list(v) for k, v in spec.synonyms.items()}
+    _check_scan_fingerprint(
+        out, {"config": to_dict(cfg), "classes": classes, "synonyms": synonyms, "files": files}
+    )
     from pipeline.spark import get_spark
 
     spark = get_spark(master, app_name=f"primer-filter-{spec.name}")
@@ -573,6 +593,26 @@ def run_text_filter(
         stats["rows_scanned"], stats["rows_matched"], stats["dropped"], stats["timings"]["total_s"],
     )  # fmt: skip
     return stats
+
+
+def _check_scan_fingerprint(out: str, inputs: dict) -> None:
+    """Reuse the scan parts of a failed run only when they came from the same inputs.
+
+    A rerun with other files, classes or settings must not mix in stale parts: the scan
+    directory is cleared when its recorded fingerprint differs.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    url = io.join(out, SCAN_DIR, "_inputs.json")
+    if io.exists(url):
+        if io.read_json(url).get("sha256") == digest:
+            log.info("resuming: reusing finished scans in %s", io.join(out, SCAN_DIR))
+            return
+        log.warning("inputs or settings changed since the failed run; rescanning everything")
+    io.remove(io.join(out, SCAN_DIR))
+    io.write_json(url, {"sha256": digest})
 
 
 def _spark_error_message(e: Exception) -> str:

@@ -346,3 +346,25 @@ def test_bad_config_is_a_clear_error(tmp_path, dataset_yaml, caplog):
     assert main([*argv, "--set", "filter.max_per_class=-1", "--set", "filter.nope=1"]) == 2
     assert "max_per_class" in caplog.text or "nope" in caplog.text
     assert not os.path.exists(tmp_path / "o" / "_SUCCESS")
+
+
+def test_rerun_after_failure_with_other_settings_rescans(tmp_path, dataset_yaml):
+    """Scan parts of a failed run are reused only for the same inputs and settings."""
+    from pipeline.text_filter import scan_file
+
+    meta = _write(tmp_path, "in", KNOWN)
+    out = str(tmp_path / "out")
+    io.makedirs(out)
+    files = io.list_files(meta, suffixes=(".parquet",))
+    # A "failed run" that scanned with keep_ambiguous=True; the rerun keeps the default.
+    io.write_json(io.join(out, "_scan", "_inputs.json"), {"sha256": "stale"})
+    scan_file(
+        0,
+        files[0],
+        out,
+        TextFilterConfig(keep_ambiguous=True),
+        CLASSES,
+        {"golden retriever": ["goldie"]},
+    )
+    stats = run_text_filter(TextFilterConfig(), dataset_yaml, meta, out)
+    assert stats["rows_matched"] == 5 and stats["dropped"]["ambiguous"] == 1
