@@ -27,6 +27,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)

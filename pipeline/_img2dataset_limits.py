@@ -1,31 +1,55 @@
-"""Byte and pixel limits for img2dataset's fetches.
+"""What Primer changes inside img2dataset 1.47 (imported only when a download runs).
 
-img2dataset 1.47 reads a whole response into memory (``r.read()``) and decodes it with
-OpenCV before checking its area, so one multi-gigabyte response or one decompression bomb can
-exhaust a worker's memory. It runs its workers with the ``spawn`` start method, so a patch in
-the parent is not inherited; instead :class:`LimitedDownloader` (the class img2dataset pickles
-to its workers) lives in this module, and importing this module, in the parent and in every
-worker that unpickles the downloader, installs :func:`download_image` in its place.
+img2dataset stays the downloader (sharding, threads, resizing, writers, incremental mode);
+this module swaps four of its parts, each for a stated reason:
 
-Limits come from the environment, which spawned workers inherit:
-``PRIMER_MAX_IMAGE_BYTES`` (response size) and ``PRIMER_MAX_IMAGE_PIXELS`` (declared width x
-height, read from the image header before anything is decoded).
+- ``download_image``: img2dataset reads a whole response into memory (``r.read()``) and
+  decodes it with OpenCV before checking its area, so one multi-gigabyte response or one
+  decompression bomb can exhaust a worker. Ours caps the bytes read, refuses text/HTML
+  responses, reads the declared width x height from the image header (Pillow reads only the
+  header) before anything is decoded, and opens connections through
+  :func:`checked_create_connection`, which refuses a connection whose peer is not a public
+  address (a redirect to ``169.254.169.254``, or a public hostname whose DNS answer is
+  private) before a byte of the request is sent.
+- ``Downloader`` -> :class:`LimitedDownloader`: the limits travel as attributes of the
+  downloader that img2dataset pickles to its workers (spawned processes or Spark executors on
+  other machines, which inherit nothing from the driver); unpickling it imports this module,
+  which installs our ``download_image`` in that worker.
+- ``multiprocessing_distributor``: img2dataset's spawns a fresh interpreter per worker (and a
+  new one every 5 shards); each pays about 7 s importing img2dataset, torch and wandb. Ours
+  uses a ``forkserver`` that imports them once per driver process; workers fork from it
+  (fork-safe: the server is single-threaded), and the driver shows a progress bar.
+- ``LoggerProcess``: img2dataset spawns one more interpreter only to print its stats files;
+  ours is a no-op (Primer writes ``stats.json`` and logs its own summary).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import importlib
 import io
-import os
+import ipaddress
+import logging
+import socket
+import time
 import urllib.request
+from collections.abc import Iterator
 
 import img2dataset.downloader as _downloader
+from img2dataset.distributor import retrier
 
+from pipeline.urlcheck import is_public_address
+
+log = logging.getLogger(__name__)
+
+# The module: the package re-exports a function named `main` that hides it from `import as`.
+_i2d_main = importlib.import_module("img2dataset.main")
 _ORIGINAL = getattr(_downloader, "_primer_original_download_image", _downloader.download_image)
 _USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
-
-def _limits() -> tuple[int, int]:
-    return int(os.environ.get("PRIMER_MAX_IMAGE_BYTES", 32 * 2**20)), int(os.environ.get("PRIMER_MAX_IMAGE_PIXELS", 89_478_485))
+# Set in each worker by LimitedDownloader.__call__ (one downloader per worker process).
+_LIMITS = {"max_bytes": 32 * 2**20, "max_pixels": 89_478_485, "allow_private": False}
 
 
 def header_pixels(data: bytes) -> int | None:
@@ -41,20 +65,81 @@ def header_pixels(data: bytes) -> int | None:
         return None
 
 
+def checked_create_connection(
+    address,
+    timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
+    source_address=None,
+    *,
+    allow_private: bool | None = None,
+):
+    """``socket.create_connection`` that refuses a non-public peer before anything is sent.
+
+    The URL pre-check (:mod:`pipeline.urlcheck`) sees only the text of a URL; this sees the
+    address the name actually resolved to, so it also stops redirects to internal addresses and
+    DNS answers that point a public name at one. Raises ``ConnectionRefusedError`` whose message
+    starts with ``refused_address``.
+    """
+    allow = _LIMITS["allow_private"] if allow_private is None else allow_private
+    sock = socket.create_connection(address, timeout, source_address)
+    if not allow:
+        peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+        if not is_public_address(peer):
+            sock.close()
+            raise ConnectionRefusedError(
+                f"refused_address: {address[0]} is {peer}, not a public address"
+            )
+    return sock
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = checked_create_connection
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = checked_create_connection
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_CheckedHTTPConnection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    # Behind a proxy (http_proxy in the environment) the peer is the proxy, whose address says
+    # nothing about the target: keep urllib's own handlers there and rely on the pre-check.
+    if urllib.request.getproxies():
+        return urllib.request.build_opener()
+    return urllib.request.build_opener(_CheckedHTTPHandler, _CheckedHTTPSHandler)
+
+
+_OPENER = _opener()
+
+
 def download_image(row, timeout, user_agent_token, disallowed_header_directives):
-    """img2dataset's ``download_image`` with a byte cap, a content-type check and a pixel cap.
+    """img2dataset's ``download_image`` with Primer's limits (see the module docstring).
 
     Returns ``(key, BytesIO or None, error message or None)`` like the original.
     """
     key, url = row
-    max_bytes, max_pixels = _limits()
+    max_bytes, max_pixels = _LIMITS["max_bytes"], _LIMITS["max_pixels"]
     agent = _USER_AGENT
     if user_agent_token:
         agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     try:
         request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            if disallowed_header_directives and _downloader.is_disallowed(r.headers, user_agent_token, disallowed_header_directives):
+        with _OPENER.open(request, timeout=timeout) as r:
+            if disallowed_header_directives and _downloader.is_disallowed(
+                r.headers, user_agent_token, disallowed_header_directives
+            ):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
             ctype = (r.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype.startswith(("text/", "application/json", "application/xml")):
@@ -62,7 +147,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
             length = r.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
                 return key, None, f"image too large: {length} bytes > {max_bytes}"
-            data = r.read(max_bytes + 1)
+            data = r.read(max_bytes + 1)  # never more than the cap in memory
         if len(data) > max_bytes:
             return key, None, f"image too large: more than {max_bytes} bytes"
         pixels = header_pixels(data)
@@ -70,7 +155,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
             return key, None, f"image too large: {pixels} pixels > {max_pixels}"
         return key, io.BytesIO(data), None
     except Exception as err:  # img2dataset records every failure as a message, as we do
-        return key, None, str(err)
+        return key, None, str(err) or type(err).__name__
 
 
 _downloader._primer_original_download_image = _ORIGINAL
@@ -78,4 +163,107 @@ _downloader.download_image = download_image
 
 
 class LimitedDownloader(_downloader.Downloader):
-    """img2dataset's Downloader; unpickling it in a worker imports this module (the patch)."""
+    """img2dataset's Downloader carrying Primer's limits to wherever it is unpickled.
+
+    Args (besides img2dataset's): ``max_image_bytes`` (response size cap), ``max_image_pixels``
+    (declared width x height cap), ``allow_private`` (lets non-public peers through: test
+    servers and the offline demo only).
+    """
+
+    def __init__(
+        self, *args, max_image_bytes: int, max_image_pixels: int, allow_private: bool, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.limits = {
+            "max_bytes": int(max_image_bytes),
+            "max_pixels": int(max_image_pixels),
+            "allow_private": bool(allow_private),
+        }
+
+    def __call__(self, row):
+        _LIMITS.update(self.limits)
+        return super().__call__(row)
+
+
+class _NoLogger:
+    """Stands in for img2dataset's LoggerProcess (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def multiprocessing_distributor(
+    processes_count, downloader, reader, _subjob_size, max_shard_retry, total=None
+):
+    """img2dataset's multiprocessing distributor on a preloaded forkserver, with a progress bar."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("forkserver")
+    # Takes effect when this process starts its forkserver (once); later runs reuse it.
+    ctx.set_forkserver_preload([__name__])
+    with ctx.Pool(processes_count, maxtasksperchild=5) as pool:
+
+        def run(gen):
+            failed = []
+            for status, row in tqdm(
+                pool.imap_unordered(downloader, gen),
+                total=total,
+                desc="shards",
+                unit="shard",
+                mininterval=2,
+            ):
+                if status is False:
+                    failed.append(row)
+            return failed
+
+        failed = run(reader)
+        retrier(run, failed, max_shard_retry)
+        pool.terminate()
+        pool.join()
+
+
+@contextlib.contextmanager
+def patched(
+    max_image_bytes: int,
+    max_image_pixels: int,
+    allow_private: bool,
+    total_shards: int | None = None,
+) -> Iterator[None]:
+    """Install Primer's parts into ``img2dataset.main`` for one ``download`` call, then restore."""
+    import functools
+
+    names = ("Downloader", "LoggerProcess", "multiprocessing_distributor")
+    saved = {n: getattr(_i2d_main, n) for n in names}
+    _LIMITS.update(
+        max_bytes=int(max_image_bytes),
+        max_pixels=int(max_image_pixels),
+        allow_private=bool(allow_private),
+    )
+    _i2d_main.Downloader = functools.partial(
+        LimitedDownloader,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        allow_private=allow_private,
+    )
+    _i2d_main.LoggerProcess = _NoLogger
+    _i2d_main.multiprocessing_distributor = functools.partial(
+        multiprocessing_distributor, total=total_shards
+    )
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(_i2d_main, n, v)
+        log.debug("img2dataset ran %.1f s", time.perf_counter() - t0)

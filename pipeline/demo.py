@@ -57,7 +57,11 @@ def _caption(rng: np.random.Generator, label: int) -> str:
     if label in _SYNONYM_CAPTIONS and rng.random() < 0.15:
         return _SYNONYM_CAPTIONS[label]
     t = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    return t.format(name=name.lower() if name != "T-shirt" else name, Name=name.capitalize() if name != "T-shirt" else name, NAME=name.upper())
+    return t.format(
+        name=name.lower() if name != "T-shirt" else name,
+        Name=name.capitalize() if name != "T-shirt" else name,
+        NAME=name.upper(),
+    )
 
 
 def demo_metadata(base_url: str, rows: int = 1200, seed: int = 0) -> pa.Table:
@@ -94,24 +98,45 @@ def demo_metadata(base_url: str, rows: int = 1200, seed: int = 0) -> pa.Table:
         else:
             urls.append(f"{base_url}/fmnist/train/{int(rng.integers(60000))}.jpg")
         captions.append(cap)
-    broken = ["status/404", "status/500", "truncated/fmnist/train/7.jpg", "notimage/page.jpg", "noai/fmnist/train/8.jpg", "reset/x.jpg"]
+    broken = [
+        "status/404",
+        "status/500",
+        "truncated/fmnist/train/7.jpg",
+        "notimage/page.jpg",
+        "noai/fmnist/train/8.jpg",
+        "reset/x.jpg",
+    ]
     for i in range(n_broken):
         label = i % len(FASHION_CLASSES)
         urls.append(f"{base_url}/{broken[i % len(broken)]}?i={i}")
         captions.append(_caption(rng, label))
     order = rng.permutation(rows)
-    return laion_table(rows, schema="laion2b", seed=seed, urls=[urls[i] for i in order], captions=[captions[i] for i in order])
+    return laion_table(
+        rows,
+        schema="laion2b",
+        seed=seed,
+        urls=[urls[i] for i in order],
+        captions=[captions[i] for i in order],
+    )
 
 
-def write_task_imagefolder(root: str, train_per_class: int = 16, test_per_class: int = 60, seed: int = 0) -> None:
+def write_task_imagefolder(
+    root: str, train_per_class: int = 16, test_per_class: int = 60, seed: int = 0
+) -> None:
     """Fashion-MNIST test images as ``root/{train,test}/<class>/<index>.png`` (disjoint, seeded)."""
     images, labels = load_fashion_mnist("test")
     rng = np.random.default_rng(seed)
     for c, name in enumerate(FASHION_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        for split, chosen in (("train", idx[:train_per_class]), ("test", idx[train_per_class : train_per_class + test_per_class])):
+        for split, chosen in (
+            ("train", idx[:train_per_class]),
+            ("test", idx[train_per_class : train_per_class + test_per_class]),
+        ):
             for i in sorted(chosen.tolist()):
-                io.write_bytes(os.path.join(root, split, name, f"{i:05d}.png"), encode_image(images[i], "png", 64))
+                io.write_bytes(
+                    os.path.join(root, split, name, f"{i:05d}.png"),
+                    encode_image(images[i], "png", 64),
+                )
 
 
 def prepare_inputs(out_dir: str, base_url: str, rows: int, seed: int) -> tuple[str, str]:
@@ -147,14 +172,23 @@ def demo_overrides(extra: list[str] | None = None) -> list[str]:
     ]
 
 
-def run_demo(out_dir: str = "data/demo", port: int = 8765, rows: int = 1200, seed: int = 0, extra_overrides: list[str] | None = None, overwrite: list[str] | None = None) -> int:
+def run_demo(
+    out_dir: str = "data/demo",
+    port: int = 8765,
+    rows: int = 1200,
+    seed: int = 0,
+    extra_overrides: list[str] | None = None,
+    overwrite: list[str] | None = None,
+) -> int:
     """Serve the images, prepare inputs, run ``primer subset``; returns the exit code."""
     from pipeline.subset import SubsetConfig, run_subset, summary
 
     try:
         server = ImageServer(port=port, image_size=64)
     except OSError as e:
-        log.error("cannot serve demo images on 127.0.0.1:%d (%s); pass --port with a free port", port, e)
+        log.error(
+            "cannot serve demo images on 127.0.0.1:%d (%s); pass --port with a free port", port, e
+        )
         return 1
     with server:
         metadata, task = prepare_inputs(out_dir, server.base_url, rows, seed)
@@ -190,8 +224,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--out", default="data/demo", help="run directory (default data/demo)")
-    p.add_argument("--port", type=int, default=8765, help="loopback port for the demo image server (default 8765)")
-    p.add_argument("--rows", type=int, default=1200, help="metadata rows to generate (default 1200)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8765,
+        help="loopback port for the demo image server (default 8765)",
+    )
+    p.add_argument(
+        "--rows", type=int, default=1200, help="metadata rows to generate (default 1200)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="append", metavar="STAGE", help="redo these stages (comma list; 'all')")
+    p.add_argument(
+        "--overwrite",
+        action="append",
+        metavar="STAGE",
+        help="redo these stages (comma list; 'all')",
+    )
     p.set_defaults(func=lambda a: run_demo(a.out, a.port, a.rows, a.seed, a.overrides, a.overwrite))

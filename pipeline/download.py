@@ -3,15 +3,19 @@
 Steps:
 1. Read the text filter's output (it must hold ``_SUCCESS``) and check every URL with
    :mod:`pipeline.urlcheck`; refused rows never reach the downloader and are recorded.
-2. Write the allowed rows once to ``<out>/_input/urls.parquet`` (sorted as the text filter
-   wrote them), so a rerun hands img2dataset the same list and its incremental mode skips the
-   shards it finished (a shard is done when its ``_stats.json`` exists).
+2. Write the allowed rows once to ``<out>/_input/urls.parquet`` (in the text filter's order),
+   so a rerun hands img2dataset the same list and its incremental mode skips the shards it
+   finished (a shard is done when its ``{shard}_stats.json`` exists).
 3. img2dataset downloads, resizes (keep aspect ratio, short side ``image_size``) and writes
    ``{00000..}.tar``; ``uid``, ``label`` and ``class_name`` ride along into each sample's json.
-   Byte and pixel caps (:mod:`pipeline._img2dataset_limits`) refuse oversized responses and
-   decompression bombs before they are decoded.
-4. ``manifest.parquet`` (one row per input uid with shard, key, status, error and reason),
-   ``stats.json`` (success rate overall and per class, failures by reason), then ``_SUCCESS``.
+   :mod:`pipeline._img2dataset_limits` refuses oversized responses and decompression bombs
+   before they are decoded and connections whose peer address is not public (redirects, DNS).
+4. ``manifest.parquet`` (one row per input (uid, label) with shard, key, status, error and
+   reason), ``stats.json`` (success rate overall and per class, failures by reason), then
+   ``_SUCCESS``. Staging files are removed.
+
+A caption naming two classes is matched once per class (same uid, two labels, as in the Neural
+Priming reference); each such row is downloaded as its own sample, so embeddings carry both.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import io
+from pipeline import io, urlcheck
 from pipeline.config import stage_config, to_dict
 from pipeline.urlcheck import check_urls
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INPUT_DIR = "_input"
 MANIFEST = "manifest.parquet"
+MATCH_COLUMNS = ("uid", "url", "caption", "label", "class_name")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ class DownloadConfig:
     max_image_bytes: int = 32 * 2**20
     respect_robots_optout: bool = True  # X-Robots-Tag noai/noimageai/noindex/noimageindex
     allow_private_addresses: bool = False
-    distributor: str = "multiprocessing"
+    distributor: str = "multiprocessing"  # or pyspark (jobs/download.py)
+    max_shard_retry: int = 1  # img2dataset retries a failed shard this often in the same run
     user_agent_token: str = "primer"
 
     def __post_init__(self) -> None:
@@ -67,8 +74,22 @@ class DownloadConfig:
             problems.append("processes and threads must be >= 1")
         if self.samples_per_shard < 1:
             problems.append("samples_per_shard must be >= 1")
-        if self.resize_mode not in ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"):
-            problems.append("resize_mode must be one of no, keep_ratio, keep_ratio_largest, center_crop, border")
+        if self.image_size < 1:
+            problems.append("image_size must be >= 1")
+        if self.timeout <= 0 or self.retries < 0 or self.max_shard_retry < 0:
+            problems.append("timeout must be > 0, retries and max_shard_retry >= 0")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            problems.append("encode_format must be jpg, png or webp")
+        if self.resize_mode not in (
+            "no",
+            "keep_ratio",
+            "keep_ratio_largest",
+            "center_crop",
+            "border",
+        ):
+            problems.append(
+                "resize_mode must be one of no, keep_ratio, keep_ratio_largest, center_crop, border"
+            )
         if self.max_image_pixels < 1 or self.max_image_bytes < 1:
             problems.append("max_image_pixels and max_image_bytes must be >= 1")
         if self.distributor not in ("multiprocessing", "pyspark"):
@@ -79,6 +100,7 @@ class DownloadConfig:
 
 # Failure messages (img2dataset's and ours) -> a few reasons people can act on.
 _REASONS = [
+    (re.compile(r"refused_address"), "refused_address"),  # the connect-time address check
     (re.compile(r"HTTP Error 404"), "http_404"),
     (re.compile(r"HTTP Error \d+"), "http_error"),
     (re.compile(r"timed out|timeout", re.I), "timeout"),
@@ -86,7 +108,12 @@ _REASONS = [
     (re.compile(r"too large", re.I), "too_large"),
     (re.compile(r"not an image", re.I), "not_image"),
     (re.compile(r"decod|truncat|cannot identify|image file", re.I), "decode_error"),
-    (re.compile(r"reset|refused|closed|Connection|URLError|RemoteDisconnected|BadStatusLine", re.I), "connection_error"),
+    (
+        re.compile(
+            r"reset|refused|closed|Connection|URLError|RemoteDisconnected|BadStatusLine", re.I
+        ),
+        "connection_error",
+    ),
     (re.compile(r"aspect ratio|too small|image size", re.I), "size_filter"),
 ]
 
@@ -102,22 +129,50 @@ def failure_reason(message: str | None) -> str:
 
 
 def read_matches(matches: str) -> pa.Table:
-    """The text filter's rows (uid, url, caption, label, class_name), in its order."""
+    """The text filter's rows (``uid``, ``url``, ``caption``, ``label``, ``class_name``).
+
+    Raises:
+        pipeline.io.InputError: ``matches`` has no ``_SUCCESS`` (an unfinished or foreign
+            directory), holds no parquet files, or lacks one of those columns.
+    """
     if not io.is_done(matches):
-        raise io.InputError(f"{matches} is not a complete text-filter output (no {io.SUCCESS}); run `primer filter` first")
-    table = io.read_parquet(matches)
-    missing = {"uid", "url", "caption", "label", "class_name"} - set(table.column_names)
+        raise io.InputError(
+            f"{matches} is not a complete text-filter output (no {io.SUCCESS}); run `primer filter` first"
+        )
+    try:
+        table = io.read_parquet(matches)
+    except FileNotFoundError:
+        raise io.InputError(f"{matches}: no parquet files in the text-filter output") from None
+    missing = sorted(set(MATCH_COLUMNS) - set(table.column_names))
     if missing:
-        raise io.InputError(f"{matches}: missing columns {sorted(missing)}")
-    return table.select(["uid", "url", "caption", "label", "class_name"])
+        raise io.InputError(f"{matches}: missing columns {missing} (have {table.column_names})")
+    table = table.select(list(MATCH_COLUMNS))
+    return table.set_column(3, "label", pc.cast(table.column("label"), pa.int32()))
+
+
+def dedupe(table: pa.Table) -> tuple[pa.Table, int]:
+    """Keep the first row of each (uid, label); returns (rows in input order, rows dropped).
+
+    The text filter writes each (uid, label) once, but a hand-made input may repeat rows, and a
+    repeated key would be downloaded twice and join ambiguously into the manifest.
+    """
+    if table.num_rows == 0:
+        return table, 0
+    idx = table.select(["uid", "label"]).append_column("_i", pa.array(np.arange(table.num_rows)))
+    first = (
+        idx.group_by(["uid", "label"], use_threads=False)
+        .aggregate([("_i", "min")])
+        .column("_i_min")
+    )
+    keep = np.sort(first.to_numpy())
+    return table.take(pa.array(keep)), table.num_rows - len(keep)
 
 
 def split_allowed(table: pa.Table, allow_private: bool) -> tuple[pa.Table, pa.Table]:
-    """(rows to download, refused rows with a ``reason`` column)."""
-    reasons = check_urls(table.column("url").to_pylist(), allow_private)
-    ok = pa.array([r is None for r in reasons])
-    refused = table.filter(pc.invert(ok))
-    refused = refused.append_column("reason", pa.array([r for r in reasons if r is not None], pa.string()))
+    """(rows to download, refused rows with a ``reason`` column), both in input order."""
+    reasons = pa.array(check_urls(table.column("url"), allow_private), pa.string())
+    ok = pc.is_null(reasons)
+    refused = table.filter(pc.invert(ok)).append_column("reason", reasons.filter(pc.invert(ok)))
     return table.filter(ok), refused
 
 
@@ -144,6 +199,7 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, out: str) -> dict:
         max_image_area=float(cfg.max_image_pixels),
         max_aspect_ratio=float(cfg.max_aspect_ratio) if cfg.max_aspect_ratio > 0 else float("inf"),
         incremental_mode="incremental",
+        max_shard_retry=cfg.max_shard_retry,
         enable_wandb=False,
         distributor=cfg.distributor,
         user_agent_token=cfg.user_agent_token,
@@ -152,146 +208,310 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, out: str) -> dict:
     )
 
 
-def run_img2dataset(cfg: DownloadConfig, url_list: str, out: str) -> None:
-    """Call img2dataset with Primer's limits installed (also in its spawned workers)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+def run_img2dataset(
+    cfg: DownloadConfig, url_list: str, out: str, num_rows: int | None = None
+) -> None:
+    """Call ``img2dataset.download`` on ``url_list`` with Primer's parts installed
+    (:mod:`pipeline._img2dataset_limits`: byte/pixel caps, connect-time address check,
+    forkserver workers). Its chatter goes to stderr so a CLI's stdout stays its result."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations asks PyPI
     os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ["PRIMER_MAX_IMAGE_BYTES"] = str(cfg.max_image_bytes)
-    os.environ["PRIMER_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
-    # OpenCV's own decode limit backs up the header check for formats Pillow cannot read.
+    # OpenCV's own decode limit backs up the header check for formats Pillow cannot read
+    # (spawned and forked workers inherit it; Spark executors keep their own default).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
-    import importlib
+    import contextlib
 
     from pipeline import _img2dataset_limits
 
-    # The package re-exports the function `main`, which hides the module of the same name.
-    i2d_main = importlib.import_module("img2dataset.main")
+    if cfg.distributor == "pyspark":
+        from pipeline.spark import get_spark
 
-    i2d_main.Downloader = _img2dataset_limits.LimitedDownloader
-    i2d_main.download(**_img2dataset_kwargs(cfg, url_list, out))
+        # img2dataset uses the active session (spark-submit's) and otherwise starts its own with
+        # a 16 GB driver; ours has offline-safe local settings and is left running for the caller.
+        get_spark()
+    total = -(-num_rows // cfg.samples_per_shard) if num_rows else None
+    i2d_main = _img2dataset_limits._i2d_main
+    with (
+        _img2dataset_limits.patched(
+            cfg.max_image_bytes, cfg.max_image_pixels, cfg.allow_private_addresses, total
+        ),
+        contextlib.redirect_stdout(sys.stderr),
+    ):
+        i2d_main.download(**_img2dataset_kwargs(cfg, url_list, out))
 
 
-def build_manifest(out: str, allowed: pa.Table, refused: pa.Table) -> pa.Table:
-    """One row per input uid: uid, label, class_name, url, shard, key, status, error_message, reason."""
-    parts = []
+_SHARD_PARQUET = re.compile(r"(\d+)\.parquet")
+_GOT_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("label", pa.int32()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("url", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def read_shard_results(out: str) -> pa.Table:
+    """img2dataset's per-shard ``{shard}.parquet`` rows of finished shards (those with
+    ``{shard}_stats.json``): uid, label, key, status, error_message, shard."""
     try:
-        shard_files = io.list_files(out, suffixes=(".parquet",))
+        files = io.list_files(out, suffixes=(".parquet", "_stats.json"))
     except FileNotFoundError:
-        shard_files = []
-    for f in shard_files:
-        name = f.rsplit("/", 1)[-1]
-        if not re.fullmatch(r"\d+\.parquet", name):
-            continue
-        t = io.read_parquet(f, columns=["uid", "key", "status", "error_message"])
-        parts.append(t.append_column("shard", pa.array([name[: -len(".parquet")]] * t.num_rows, pa.string())))
-    got = pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()), "key": pa.array([], pa.string()), "status": pa.array([], pa.string()), "error_message": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
-    by_uid = {u: i for i, u in enumerate(got.column("uid").to_pylist())}
-    g = got.to_pydict()
-    rows: dict[str, list] = {k: [] for k in ("uid", "label", "class_name", "url", "shard", "key", "status", "error_message", "reason")}
-    for r in allowed.select(["uid", "label", "class_name", "url"]).to_pylist():
-        i = by_uid.get(r["uid"])
-        if i is None:
-            status, msg, shard, key = "missing", "not in any finished shard", None, None
-        else:
-            status, msg, shard, key = g["status"][i], g["error_message"][i], g["shard"][i], g["key"][i]
-        rows["uid"].append(r["uid"])
-        rows["label"].append(r["label"])
-        rows["class_name"].append(r["class_name"])
-        rows["url"].append(r["url"])
-        rows["shard"].append(shard)
-        rows["key"].append(key)
-        rows["status"].append(status)
-        rows["error_message"].append(msg)
-        rows["reason"].append("success" if status == "success" else failure_reason(msg) if status == "failed_to_download" or status == "failed_to_resize" else status)
-    for r in refused.select(["uid", "label", "class_name", "url", "reason"]).to_pylist():
-        rows["uid"].append(r["uid"])
-        rows["label"].append(r["label"])
-        rows["class_name"].append(r["class_name"])
-        rows["url"].append(r["url"])
-        rows["shard"].append(None)
-        rows["key"].append(None)
-        rows["status"].append(r["reason"])
-        rows["error_message"].append(f"URL refused before fetching ({r['reason']})")
-        rows["reason"].append(r["reason"])
-    schema = pa.schema([("uid", pa.string()), ("label", pa.int32()), ("class_name", pa.string()), ("url", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()), ("reason", pa.string())])
-    return pa.table(rows, schema=schema).sort_by("uid")
+        files = []
+    names = {f.rsplit("/", 1)[-1]: f for f in files}
+    parts = []
+    for name, f in sorted(names.items()):
+        m = _SHARD_PARQUET.fullmatch(name)
+        if not m or f"{m.group(1)}_stats.json" not in names:
+            continue  # a shard cut off part way: not finished, its rows count as missing
+        t = io.read_parquet(f, columns=["uid", "label", "key", "status", "error_message"])
+        t = t.append_column("shard", pa.array([m.group(1)] * t.num_rows, pa.string()))
+        parts.append(t.cast(_GOT_SCHEMA))
+    return pa.concat_tables(parts) if parts else _GOT_SCHEMA.empty_table()
+
+
+def failure_reasons(
+    status: pa.Array | pa.ChunkedArray, message: pa.Array | pa.ChunkedArray
+) -> pa.Array:
+    """Reason per row: ``success``; :func:`failure_reason` of the message for img2dataset's
+    ``failed_to_*`` statuses; the status itself otherwise (``refused_address``, ``missing``).
+    Messages are classified once per distinct text, not once per row."""
+    message = pc.fill_null(message, "")
+    distinct = pc.unique(message)
+    reason_of = pa.array([failure_reason(m) for m in distinct.to_pylist()], pa.string())
+    by_message = pc.take(reason_of, pc.index_in(message, value_set=distinct))
+    failed = pc.starts_with(pc.fill_null(status, ""), "failed_to_")
+    out = pc.if_else(pc.equal(status, "success"), "success", pc.if_else(failed, by_message, status))
+    return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+
+
+def build_manifest(got: pa.Table, allowed: pa.Table, refused: pa.Table) -> pa.Table:
+    """One row per input (uid, label), sorted by them (schema :data:`MANIFEST_SCHEMA`).
+
+    Args:
+        got: :func:`read_shard_results` of the output.
+        allowed: the rows handed to img2dataset (uid, url, caption, label, class_name).
+        refused: the rows refused before fetching, with their ``reason``.
+
+    Allowed rows in no finished shard get status ``missing``.
+    """
+    joined = allowed.select(["uid", "label", "class_name", "url"]).join(
+        got, keys=["uid", "label"], join_type="left outer", use_threads=False
+    )
+    status = pc.fill_null(joined.column("status"), "missing")
+    message = pc.if_else(
+        pc.is_null(joined.column("status")),
+        "not in any finished shard",
+        joined.column("error_message"),
+    )
+    dl = pa.table(
+        {
+            "uid": joined.column("uid"),
+            "label": joined.column("label"),
+            "class_name": joined.column("class_name"),
+            "url": joined.column("url"),
+            "shard": joined.column("shard"),
+            "key": joined.column("key"),
+            "status": status,
+            "error_message": message,
+        }
+    )
+    dl = dl.append_column(
+        "reason", failure_reasons(dl.column("status"), dl.column("error_message"))
+    )
+    n = refused.num_rows
+    nulls = pa.nulls(n, pa.string())
+    ref = pa.table(
+        {
+            "uid": refused.column("uid"),
+            "label": refused.column("label"),
+            "class_name": refused.column("class_name"),
+            "url": refused.column("url"),
+            "shard": nulls,
+            "key": nulls,
+            "status": refused.column("reason"),
+            "error_message": pc.binary_join_element_wise(
+                "URL refused before fetching (", refused.column("reason"), ")", ""
+            ),
+            "reason": refused.column("reason"),
+        }
+    )
+    table = pa.concat_tables([dl.cast(MANIFEST_SCHEMA), ref.cast(MANIFEST_SCHEMA)])
+    return table.sort_by([("uid", "ascending"), ("label", "ascending")])
 
 
 def summarize(manifest: pa.Table) -> dict:
     """Success rate overall and per class, failures by reason."""
-    status = manifest.column("status").to_pylist()
-    reasons = manifest.column("reason").to_pylist()
-    classes = manifest.column("class_name").to_pylist()
-    total = len(status)
-    ok = sum(s == "success" for s in status)
-    per_class: dict[str, dict] = {}
-    for c, s in zip(classes, status):
-        d = per_class.setdefault(c, {"total": 0, "success": 0})
-        d["total"] += 1
-        d["success"] += s == "success"
-    for d in per_class.values():
-        d["success_rate"] = round(d["success"] / d["total"], 4) if d["total"] else 0.0
+    total = manifest.num_rows
+    success = pc.equal(manifest.column("status"), "success")
+    ok = int(pc.sum(success).as_py() or 0)
+    per = (
+        pa.table(
+            {
+                "class_name": pc.fill_null(manifest.column("class_name"), ""),
+                "ok": pc.cast(success, pa.int64()),
+            }
+        )
+        .group_by("class_name", use_threads=False)
+        .aggregate([("ok", "count"), ("ok", "sum")])
+        .to_pylist()
+    )
+    per_class = {
+        r["class_name"]: {
+            "total": r["ok_count"],
+            "success": r["ok_sum"],
+            "success_rate": round(r["ok_sum"] / r["ok_count"], 4),
+        }
+        for r in per
+    }
+    failures = pc.value_counts(manifest.column("reason").filter(pc.invert(success)))
+    by_reason = {d["values"]: d["counts"] for d in failures.to_pylist()}
     return {
         "total": total,
         "success": ok,
         "failed": total - ok,
         "success_rate": round(ok / total, 4) if total else 0.0,
-        "failures_by_reason": dict(sorted(Counter(r for r in reasons if r != "success").items())),
-        "refused_address": sum(r == "refused_address" for r in reasons),
+        "failures_by_reason": dict(sorted(by_reason.items())),
+        "refused_address": by_reason.get(urlcheck.REASON_ADDRESS, 0),
         "per_class": dict(sorted(per_class.items())),
     }
 
 
+def stage_input(allowed: pa.Table, out: str) -> str:
+    """Write the rows to download to ``<out>/_input/urls.parquet`` once; returns its URL.
+
+    A rerun must hand img2dataset the same list in the same order, because its incremental
+    mode knows finished shards only by number. Raises ``InputError`` when a previous,
+    unfinished run staged a different list (other matches or other settings).
+    """
+    url_list = io.join(out, INPUT_DIR, "urls.parquet")
+    if io.exists(url_list):
+        staged = io.read_parquet(url_list, columns=["uid", "label"])
+        if not staged.equals(allowed.select(["uid", "label"]).cast(staged.schema)):
+            raise io.InputError(
+                f"{out}: an unfinished earlier run downloaded a different list of rows (other matches or settings); rerun with --overwrite"
+            )
+    else:
+        io.write_parquet(allowed, url_list)
+    return url_list
+
+
 def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = False) -> dict:
-    """Run stage 2; returns the stats (also in ``<out>/stats.json``)."""
+    """Run stage 2: ``matches`` (a text-filter output) -> webdataset shards at ``out``.
+
+    Returns the stats (also written to ``<out>/stats.json``). A complete ``out`` is skipped
+    unless ``overwrite``; an incomplete one resumes (finished shards are kept).
+
+    Raises:
+        pipeline.io.InputError: bad ``matches`` (see :func:`read_matches`), or ``out`` holds an
+            unfinished run over a different list.
+        RuntimeError: shards still unfinished after img2dataset's retries (rerun to resume).
+    """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
+    timings = {}
     t0 = time.perf_counter()
-    table = read_matches(matches)
+    table, duplicates = dedupe(read_matches(matches))
     allowed, refused = split_allowed(table, cfg.allow_private_addresses)
     if refused.num_rows:
-        log.warning("download: %d URLs refused before fetching: %s", refused.num_rows, dict(Counter(refused.column("reason").to_pylist())))
-    url_list = io.join(out, INPUT_DIR, "urls.parquet")
-    if not io.exists(url_list):
-        io.write_parquet(allowed, url_list)
-    else:
-        staged = io.read_parquet(url_list, columns=["uid"]).column("uid").to_pylist()
-        if staged != allowed.column("uid").to_pylist():
-            raise io.InputError(f"{out}: a previous run downloaded a different list of matches; rerun with --overwrite")
-    log.info("download: %d URLs -> %s (%d processes x %d threads)", allowed.num_rows, out, cfg.processes, cfg.threads)
+        counts = dict(Counter(refused.column("reason").to_pylist()))
+        log.warning(
+            "download: %d of %d URLs refused before fetching: %s",
+            refused.num_rows,
+            table.num_rows,
+            counts,
+        )
+    url_list = stage_input(allowed, out)
+    timings["check_s"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
     if allowed.num_rows:
+        log.info(
+            "download: %d URLs -> %s (%s, %d processes x %d threads)",
+            allowed.num_rows,
+            out,
+            cfg.distributor,
+            cfg.processes,
+            cfg.threads,
+        )
         # img2dataset's incremental mode reads every top-level *.json as "<shard>_stats.json";
-        # ours from an interrupted run would crash it. They are rewritten below.
+        # ours, left by a run that died before _SUCCESS, would crash it. Rewritten below.
         for name in ("stats.json", "config.json"):
             io.remove(io.join(out, name))
-        run_img2dataset(cfg, url_list, out)
-    manifest = build_manifest(out, allowed, refused)
-    io.write_parquet(manifest, io.join(out, MANIFEST))
+        run_img2dataset(cfg, url_list, out, allowed.num_rows)
+    timings["download_s"] = round(time.perf_counter() - t1, 3)
+    t2 = time.perf_counter()
+    manifest = build_manifest(read_shard_results(out), allowed, refused)
     stats = summarize(manifest)
-    stats["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
-    if stats["failures_by_reason"].get("missing"):
-        raise RuntimeError(f"download: {stats['failures_by_reason']['missing']} rows are in no finished shard; rerun to finish them")
+    missing = stats["failures_by_reason"].get("missing", 0)
+    if missing:
+        raise RuntimeError(
+            f"download: {missing} rows are in no finished shard of {out}; rerun to finish them"
+        )
+    io.write_parquet(manifest, io.join(out, MANIFEST))
+    stats["duplicate_rows"] = duplicates
+    stats["images_per_s"] = (
+        round(stats["success"] / timings["download_s"], 2) if timings["download_s"] else 0.0
+    )
+    timings["manifest_s"] = round(time.perf_counter() - t2, 3)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    stats["timings"] = timings
     io.write_json(io.join(out, "config.json"), {"matches": matches, **to_dict(cfg)})
     io.write_json(io.join(out, "stats.json"), stats)
-    io.mark_done(out, {"success": stats["success"]})
-    log.info("download: %d/%d images (%.1f%%), failures %s", stats["success"], stats["total"], 100 * stats["success_rate"], stats["failures_by_reason"])
+    # Staging is rebuilt from the matches if needed; img2dataset leaves _tmp behind on S3.
+    for name in (INPUT_DIR, "_tmp"):
+        io.remove(io.join(out, name))
+    io.mark_done(out, {"success": stats["success"], "total": stats["total"]})
+    log.info(
+        "download: %d/%d images (%.1f%%), failures %s",
+        stats["success"],
+        stats["total"],
+        100 * stats["success_rate"],
+        stats["failures_by_reason"],
+    )
     return stats
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("download", parents=[common], help="stage 2: download matched rows into webdataset shards (img2dataset)", description=__doc__.split("\n\n")[0])
-    p.add_argument("--matches", required=True, help="the text filter's output directory")
-    p.add_argument("--out", required=True, help="output directory URL for the shards")
-    p.add_argument("--processes", type=int, help="downloader processes (default from config)")
-    p.add_argument("--threads", type=int, help="threads per process")
+    p = sub.add_parser(
+        "download",
+        parents=[common],
+        help="stage 2: download matched rows into webdataset shards (img2dataset)",
+        description="Download the text filter's matched rows into webdataset shards with img2dataset; "
+        "writes manifest.parquet, stats.json and _SUCCESS. Settings: section `download` "
+        "(conf/stages/download.yaml), e.g. --set download.image_size=336.",
+    )
+    p.add_argument(
+        "--matches", required=True, help="the text filter's output directory (local or s3://)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory URL for the shards (local or s3://)"
+    )
+    p.add_argument(
+        "--processes", type=int, help="downloader processes (default: download.processes)"
+    )
+    p.add_argument("--threads", type=int, help="threads per process (default: download.threads)")
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.set_defaults(func=cmd_download)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    """``primer download``: prints ``<success>/<total> images downloaded -> <out>``."""
     flags = {"processes": args.processes, "threads": args.threads}
-    if getattr(args, "distributor", None):
-        flags["distributor"] = args.distributor
     cfg = stage_config(DownloadConfig, "download", args.config, args.overrides, flags)
     stats = run_download(cfg, args.matches, args.out, args.overwrite)
     sys.stdout.write(f"{stats['success']}/{stats['total']} images downloaded -> {args.out}\n")

@@ -92,11 +92,17 @@ class SubsetConfig:
         if not self.dataset:
             problems.append("dataset is required (DATASET=... or --dataset)")
         if not self.metadata:
-            problems.append("metadata is required: the LAION parquet URL or glob (LAION=... or --metadata)")
+            problems.append(
+                "metadata is required: the LAION parquet URL or glob (LAION=... or --metadata)"
+            )
         if not self.data_root:
-            problems.append("data_root is required: the target task's images (DATA_ROOT=... or --data-root)")
+            problems.append(
+                "data_root is required: the target task's images (DATA_ROOT=... or --data-root)"
+            )
         if self.checkpoint and self.pretrained not in ("", "none"):
-            problems.append("give either pretrained or checkpoint, not both (set pretrained to '' with a checkpoint)")
+            problems.append(
+                "give either pretrained or checkpoint, not both (set pretrained to '' with a checkpoint)"
+            )
         if self.materialise_format not in ("webdataset", "imagefolder"):
             problems.append("materialise_format must be webdataset or imagefolder")
         if problems:
@@ -139,22 +145,65 @@ def stage_argv(name: str, cfg: SubsetConfig, run_dir: str, common: list[str]) ->
         argv = ["embed", "--shards", p["shards"], "--out", out, *_model_args(cfg)]
     elif name in ("embed-task-train", "embed-task-test"):
         split = name.rsplit("-", 1)[1]
-        argv = ["embed-task", "--dataset", cfg.dataset, "--split", split, "--root", cfg.data_root, "--out", out, *_model_args(cfg)]
+        argv = [
+            "embed-task",
+            "--dataset",
+            cfg.dataset,
+            "--split",
+            split,
+            "--root",
+            cfg.data_root,
+            "--out",
+            out,
+            *_model_args(cfg),
+        ]
     elif name == "embed-text":
         argv = ["embed-text", "--dataset", cfg.dataset, "--out", out, *_model_args(cfg)]
     elif name == "clip-filter":
         if not cfg.clip_filter:
             return None
-        argv = ["clip-filter", "--pool", p["pool"], "--text", p["text"], "--out", out, "--min-prob", str(cfg.min_prob)]
+        argv = [
+            "clip-filter",
+            "--pool",
+            p["pool"],
+            "--text",
+            p["text"],
+            "--out",
+            out,
+            "--min-prob",
+            str(cfg.min_prob),
+        ]
         if cfg.require_agreement:
             argv.append("--require-agreement")
     elif name == "transductive":
         if not cfg.transductive:
             return None
         pool = p["clip"] if cfg.clip_filter else p["pool"]
-        argv = ["transductive", "--pool", pool, "--queries", p["task_test"], "--text", p["text"], "--k", str(cfg.k), "--out", out]
+        argv = [
+            "transductive",
+            "--pool",
+            pool,
+            "--queries",
+            p["task_test"],
+            "--text",
+            p["text"],
+            "--k",
+            str(cfg.k),
+            "--out",
+            out,
+        ]
     elif name == "materialise":
-        argv = ["materialise", "--decision", priming_source(cfg, run_dir), "--shards", p["shards"], "--out", out, "--format", cfg.materialise_format]
+        argv = [
+            "materialise",
+            "--decision",
+            priming_source(cfg, run_dir),
+            "--shards",
+            p["shards"],
+            "--out",
+            out,
+            "--format",
+            cfg.materialise_format,
+        ]
     elif name == "evaluate":
         argv = [
             "evaluate", "--dataset", cfg.dataset, "--task-train", p["task_train"], "--task-test", p["task_test"],
@@ -206,7 +255,9 @@ def check_sources(cfg: SubsetConfig, stages: list[str]) -> None:
     if any(s.startswith("embed") for s in stages):
         if cfg.checkpoint:
             if not io.exists(cfg.checkpoint):
-                raise SourceError(f"model weights: checkpoint {cfg.checkpoint!r} does not exist (CHECKPOINT=... / --checkpoint)")
+                raise SourceError(
+                    f"model weights: checkpoint {cfg.checkpoint!r} does not exist (CHECKPOINT=... / --checkpoint)"
+                )
         elif cfg.pretrained and cfg.pretrained != "none":
             _check_pretrained(cfg.model, cfg.pretrained)
 
@@ -219,8 +270,12 @@ def _check_pretrained(model: str, tag: str) -> None:
     pretrained_cfg = open_clip.get_pretrained_cfg(model, tag)
     if not pretrained_cfg:
         known = [t for m, t in open_clip.list_pretrained() if m == model]
-        raise SourceError(f"model weights: open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})")
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("PRIMER_OFFLINE", "") not in ("", "0")
+        raise SourceError(
+            f"model weights: open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})"
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "PRIMER_OFFLINE", ""
+    ) not in ("", "0")
     if offline:
         hub_id = pretrained_cfg.get("hf_hub", "")
         cached = False
@@ -302,7 +357,10 @@ def run_subset(
         common += ["--set", o]
     results: list[StageResult] = []
     with io.RunLock(run_dir):
-        io.write_json(io.join(run_dir, "config.json"), {"subset": to_dict(cfg), **load_config(config_file, overrides or [])})
+        io.write_json(
+            io.join(run_dir, "config.json"),
+            {"subset": to_dict(cfg), **load_config(config_file, overrides or [])},
+        )
         for name in STAGES:
             out = io.join(run_dir, STAGE_OUT[name])
             if name not in stages:
@@ -325,7 +383,9 @@ def run_subset(
             seconds = time.perf_counter() - t0
             if code != 0:
                 results.append(StageResult(name, "failed", seconds, out))
-                raise RuntimeError(f"stage {name!r} failed (exit code {code}); fix the cause and rerun: completed stages are kept")
+                raise RuntimeError(
+                    f"stage {name!r} failed (exit code {code}); fix the cause and rerun: completed stages are kept"
+                )
             results.append(StageResult(name, "ran", seconds, out, _stats(out)))
     return results
 
@@ -342,7 +402,20 @@ def _stats(out: str) -> dict:
 
 def _headline(stats: dict) -> str:
     """A few numbers from a stage's stats.json for the summary line."""
-    keys = ("rows_scanned", "rows_matched", "matched", "success", "succeeded", "failed", "rows", "embedded", "kept", "dropped", "written", "samples")
+    keys = (
+        "rows_scanned",
+        "rows_matched",
+        "matched",
+        "success",
+        "succeeded",
+        "failed",
+        "rows",
+        "embedded",
+        "kept",
+        "dropped",
+        "written",
+        "samples",
+    )
     parts = [f"{k}={stats[k]}" for k in keys if isinstance(stats.get(k), (int, float))]
     return ", ".join(parts[:4])
 
@@ -372,13 +445,27 @@ def add_subset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", dest="data_root", help="the target task's images")
     p.add_argument("--run-dir", dest="run_dir", help="run directory (default <run.root>/<dataset>)")
     p.add_argument("--model", help="open_clip model name (default ViT-B-16)")
-    p.add_argument("--pretrained", help="open_clip pretrained tag, or 'none' for untrained seeded weights")
-    p.add_argument("--checkpoint", help="a local checkpoint (state dict) instead of a pretrained tag")
+    p.add_argument(
+        "--pretrained", help="open_clip pretrained tag, or 'none' for untrained seeded weights"
+    )
+    p.add_argument(
+        "--checkpoint", help="a local checkpoint (state dict) instead of a pretrained tag"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--master", help="Spark master for the text filter (default local[*])")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE", help=f"first stage to run ({', '.join(STAGES)})")
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help=f"first stage to run ({', '.join(STAGES)})",
+    )
     p.add_argument("--to", dest="to_stage", metavar="STAGE", help="last stage to run")
-    p.add_argument("--overwrite", action="append", metavar="STAGE", help="redo these stages even if complete (comma list or repeat; 'all')")
+    p.add_argument(
+        "--overwrite",
+        action="append",
+        metavar="STAGE",
+        help="redo these stages even if complete (comma list or repeat; 'all')",
+    )
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -393,7 +480,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def config_from_args(args: argparse.Namespace) -> SubsetConfig:
-    flags = {k: getattr(args, k, None) for k in ("dataset", "metadata", "data_root", "run_dir", "model", "pretrained", "checkpoint", "device", "master")}
+    flags = {
+        k: getattr(args, k, None)
+        for k in (
+            "dataset",
+            "metadata",
+            "data_root",
+            "run_dir",
+            "model",
+            "pretrained",
+            "checkpoint",
+            "device",
+            "master",
+        )
+    }
     if flags.get("checkpoint") and not flags.get("pretrained"):
         flags["pretrained"] = ""
     return stage_config(SubsetConfig, "subset", args.config, args.overrides, flags)
@@ -401,10 +501,15 @@ def config_from_args(args: argparse.Namespace) -> SubsetConfig:
 
 def _cmd_subset(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    run_dir = cfg.run_dir or io.join(str(load_config(args.config, args.overrides).get("run", {}).get("root", "data")), load_dataset(cfg.dataset).name)
+    run_dir = cfg.run_dir or io.join(
+        str(load_config(args.config, args.overrides).get("run", {}).get("root", "data")),
+        load_dataset(cfg.dataset).name,
+    )
     cfg = SubsetConfig(**{**to_dict(cfg), "run_dir": run_dir})
     try:
-        results = run_subset(cfg, args.config, args.overrides, args.from_stage, args.to_stage, args.overwrite)
+        results = run_subset(
+            cfg, args.config, args.overrides, args.from_stage, args.to_stage, args.overwrite
+        )
     except (SourceError, io.LockedError, RuntimeError) as e:
         log.error("%s", e)
         return 1

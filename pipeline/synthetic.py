@@ -42,9 +42,13 @@ _COMMON_WORDS = np.array(sorted(set(_COMMON.split())))
 _SYLLABLES = np.array(
     "ka lo mi ne ru sa ti vo ze bar den fil gor han jus kel mon pra sto tri ven wal xy".split()
 )
-_SEPARATORS = np.array([" "] * 160 + [" - "] * 12 + [" | "] * 8 + [", "] * 14 + [" / "] * 2 + [": "] * 3 + [" &amp; "])
+_SEPARATORS = np.array(
+    [" "] * 160 + [" - "] * 12 + [" | "] * 8 + [", "] * 14 + [" / "] * 2 + [": "] * 3 + [" &amp; "]
+)
 # Non-ASCII words, as in real LAION-en alt text (accents, typographic punctuation, CJK).
-_NON_ASCII = np.array(["café", "crème", "naïve", "–", "“new”", "size’s", "日本", "Größe", "niño", "€19,99"])
+_NON_ASCII = np.array(
+    ["café", "crème", "naïve", "–", "“new”", "size’s", "日本", "Größe", "niño", "€19,99"]
+)
 
 
 def _long_tail(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -37,8 +37,12 @@ cells = [
         "counts"
     ),
     nbf.v4.new_markdown_cell("## Accuracy"),
-    nbf.v4.new_code_cell("display(Markdown(run.results_md or '_no evaluation in this run directory_'))"),
-    nbf.v4.new_markdown_cell("## Retrieved images per class\n\nGreen titles were kept by every filter; red ones were dropped (the reason follows)."),
+    nbf.v4.new_code_cell(
+        "display(Markdown(run.results_md or '_no evaluation in this run directory_'))"
+    ),
+    nbf.v4.new_markdown_cell(
+        "## Retrieved images per class\n\nGreen titles were kept by every filter; red ones were dropped (the reason follows)."
+    ),
     nbf.v4.new_code_cell(
         "def show_class(c):\n"
         "    exs = run.examples.get(c, [])\n"

@@ -97,7 +97,16 @@ def laion_parquet(tmp_path):
 
     from pipeline.synthetic import laion_table
 
-    def make(n=1000, classnames=(), schema="laion2b", files=2, seed=0, urls=None, captions=None, name=None):
+    def make(
+        n=1000,
+        classnames=(),
+        schema="laion2b",
+        files=2,
+        seed=0,
+        urls=None,
+        captions=None,
+        name=None,
+    ):
         out = tmp_path / (name or f"laion-{schema}-{uuid.uuid4().hex[:6]}")
         out.mkdir()
         table = laion_table(n, classnames, schema=schema, seed=seed, urls=urls, captions=captions)

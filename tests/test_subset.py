@@ -54,7 +54,11 @@ def test_demo_runs_every_stage(demo_run):
     shards = io.read_json(os.path.join(demo_run, "shards", "stats.json"))
     assert shards["success"] > 300 and shards["failures_by_reason"]
     results = _bytes(demo_run, "evaluate", "results.md").decode()
-    assert "zero-shot CLIP" in results and "transductive priming" in results and "meaningless" in results
+    assert (
+        "zero-shot CLIP" in results
+        and "transductive priming" in results
+        and "meaningless" in results
+    )
     assert os.path.exists(os.path.join(demo_run, "config.json"))
 
 
@@ -66,7 +70,14 @@ def test_rerun_skips_everything(demo_run, port):
         calls.append(argv)
         return 0
 
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=os.path.join(demo_run, "inputs", "laion"), data_root=os.path.join(demo_run, "inputs", "task"), run_dir=demo_run, model="primer-tiny-vit", pretrained="none")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=os.path.join(demo_run, "inputs", "laion"),
+        data_root=os.path.join(demo_run, "inputs", "task"),
+        run_dir=demo_run,
+        model="primer-tiny-vit",
+        pretrained="none",
+    )
     results = run_subset(cfg, overrides=demo_overrides(), run_stage=spy)
     assert calls == [] and {r.status for r in results} == {"skipped"}
 
@@ -74,7 +85,11 @@ def test_rerun_skips_everything(demo_run, port):
 def test_second_run_from_scratch_is_byte_identical(demo_run, port, tmp_path, spark):
     again = str(tmp_path / "again")
     assert run_demo(again, port=port, rows=ROWS) == 0
-    for stage, name in (("clip-filter", "decision.parquet"), ("transductive", "decision.parquet"), ("evaluate", "results.md")):
+    for stage, name in (
+        ("clip-filter", "decision.parquet"),
+        ("transductive", "decision.parquet"),
+        ("evaluate", "results.md"),
+    ):
         assert _bytes(demo_run, stage, name) == _bytes(again, stage, name), (stage, name)
     a = io.read_parquet(os.path.join(demo_run, "matches")).sort_by("uid")
     b = io.read_parquet(os.path.join(again, "matches")).sort_by("uid")
@@ -102,10 +117,19 @@ def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path
     shutil.copytree(demo_run, run)
     os.unlink(os.path.join(run, "_LOCK"))
     shutil.rmtree(os.path.join(run, "decisions"))
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=os.path.join(run, "inputs", "laion"), data_root=os.path.join(run, "inputs", "task"), run_dir=run, model="primer-tiny-vit", pretrained="none")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=os.path.join(run, "inputs", "laion"),
+        data_root=os.path.join(run, "inputs", "task"),
+        run_dir=run,
+        model="primer-tiny-vit",
+        pretrained="none",
+    )
     with pytest.raises(RuntimeError, match="clip-filter"):
         run_subset(cfg, run_stage=lambda argv: 1 if argv[0] == "clip-filter" else 0)
-    assert io.is_done(os.path.join(run, "emb", "pool")) and not os.path.exists(os.path.join(run, "decisions", "clip", "_SUCCESS"))
+    assert io.is_done(os.path.join(run, "emb", "pool")) and not os.path.exists(
+        os.path.join(run, "decisions", "clip", "_SUCCESS")
+    )
 
 
 def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
@@ -114,17 +138,55 @@ def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
     run = str(tmp_path / "run")
     task = tmp_path / "task"
     task.mkdir()
-    code = main(["subset", "--dataset", "FashionMNIST", "--metadata", str(tmp_path / "no-such-laion"), "--data-root", str(task), "--run-dir", run, "--pretrained", "none", "--model", "primer-tiny-vit"])
+    code = main(
+        [
+            "subset",
+            "--dataset",
+            "FashionMNIST",
+            "--metadata",
+            str(tmp_path / "no-such-laion"),
+            "--data-root",
+            str(task),
+            "--run-dir",
+            run,
+            "--pretrained",
+            "none",
+            "--model",
+            "primer-tiny-vit",
+        ]
+    )
     assert code == 1 and "LAION metadata" in caplog.text and "LAION=" in caplog.text
     assert not os.path.exists(run)
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(tmp_path / "missing-task"), run_dir=run, pretrained="none", model="primer-tiny-vit")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=str(tmp_path),
+        data_root=str(tmp_path / "missing-task"),
+        run_dir=run,
+        pretrained="none",
+        model="primer-tiny-vit",
+    )
     with pytest.raises(SourceError, match="DATA_ROOT"):
         run_subset(cfg, from_stage="embed-task-train", to_stage="embed-task-train")
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(task), run_dir=run, pretrained="", checkpoint=str(tmp_path / "nope.pt"), model="primer-tiny-vit")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=str(tmp_path),
+        data_root=str(task),
+        run_dir=run,
+        pretrained="",
+        checkpoint=str(tmp_path / "nope.pt"),
+        model="primer-tiny-vit",
+    )
     with pytest.raises(SourceError, match="checkpoint"):
         run_subset(cfg, from_stage="embed-pool", to_stage="embed-pool")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(task), run_dir=run, model="ViT-B-16", pretrained="laion2b_s34b_b88k")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=str(tmp_path),
+        data_root=str(task),
+        run_dir=run,
+        model="ViT-B-16",
+        pretrained="laion2b_s34b_b88k",
+    )
     with pytest.raises(SourceError, match="offline"):
         run_subset(cfg, from_stage="embed-text", to_stage="embed-text")
     assert not os.path.exists(run)
@@ -132,7 +194,14 @@ def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
 
 def test_second_run_on_same_directory_is_refused(tmp_path):
     run = str(tmp_path / "run")
-    cfg = SubsetConfig(dataset="FashionMNIST", metadata=str(tmp_path), data_root=str(tmp_path), run_dir=run, pretrained="none", model="primer-tiny-vit")
+    cfg = SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=str(tmp_path),
+        data_root=str(tmp_path),
+        run_dir=run,
+        pretrained="none",
+        model="primer-tiny-vit",
+    )
     with io.RunLock(run):
         with pytest.raises(io.LockedError, match="in use by another run"):
             run_subset(cfg, from_stage="report", to_stage="report", run_stage=lambda argv: 0)
@@ -149,7 +218,9 @@ def test_killed_demo_resumes_to_the_same_outputs(demo_run, port, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "primer")
     cmd = [exe, "demo", "--out", run, "--port", str(port), "--rows", str(ROWS)]
     for delay in sorted(rng.uniform(5, 25) for _ in range(2)):
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -160,7 +231,11 @@ def test_killed_demo_resumes_to_the_same_outputs(demo_run, port, tmp_path):
                 assert not any(n.startswith(".") and ".tmp-" in n for n in os.listdir(out))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    for stage, name in (("clip-filter", "decision.parquet"), ("transductive", "decision.parquet"), ("evaluate", "results.md")):
+    for stage, name in (
+        ("clip-filter", "decision.parquet"),
+        ("transductive", "decision.parquet"),
+        ("evaluate", "results.md"),
+    ):
         assert _bytes(demo_run, stage, name) == _bytes(run, stage, name), stage
 
 
@@ -171,7 +246,9 @@ def test_notebook_executes_on_demo_output(demo_run, monkeypatch):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     nb = nbformat.read(os.path.join(repo, "notebooks", "inspect_subset.ipynb"), as_version=4)
     monkeypatch.setenv("PRIMER_RUN_DIR", demo_run)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": repo}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": repo}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
@@ -186,18 +263,36 @@ def test_report_lists_every_class(demo_run):
     assert "data:image/jpeg;base64," in html and "meaningless" in html
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make install adds it)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (make install adds it)",
+)
 def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     from pipeline.imageserver import FASHION_CLASSES
 
     page = os.path.join(demo_run, "report", "index.html")
     r = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{page}"],  # fmt: skip
-        capture_output=True, text=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            f"file://{page}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
     assert all(f": {c} <small>" in dom for c in FASHION_CLASSES)
-    console_errors = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
+    console_errors = [
+        ln
+        for ln in r.stderr.splitlines()
+        if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)
+    ]
     assert not console_errors

@@ -83,3 +83,72 @@ def test_ip_literal_parsing():
     assert str(parse_ip_literal("[::1]")) == "::1"
     assert parse_ip_literal("example.com") is None
     assert parse_ip_literal("deadbeef.com") is None
+
+
+TRICKY = [
+    *REFUSED_ADDRESS,
+    *ALLOWED,
+    "HTTP://EXAMPLE.COM/A.JPG",
+    "http://example.com./a.jpg",
+    "http://example.com",
+    "http://example.com?x=1",
+    "http://example.com#f",
+    "http://a..b.com/",
+    "http://-a.com/x",
+    "http://1.2.3/a.jpg",
+    "http://0x7f.1/a.jpg",
+    "http://0x/a.jpg",
+    "http://012/a.jpg",
+    "http://a.0x1f/a.jpg",
+    "http://cafe/a.jpg",
+    "http://x.localhost./a.jpg",
+    "http://localhost.example.com/a.jpg",
+    "http://example.com:8080/a.jpg",
+    "http://example.com:0/a.jpg",
+    "http://example.com:/a.jpg",
+    "http://ex ample.com/a.jpg",
+    "http://example.com/a b.jpg",
+    "http://exa\tmple.com/a.jpg",
+    " http://example.com/a.jpg",
+    "http://example.com\\@10.0.0.1/",
+    "http://evil.com@127.0.0.1/",
+    "http://[::1/",
+    "http://[2001:db8::1]/a.jpg",
+    "http://[64:ff9b::a00:1]/a.jpg",
+    "https://例え.jp/a.jpg",
+    "//example.com/a.jpg",
+    "example.com/a.jpg",
+    "HtTpS://Example.COM/%2e%2e/a.jpg",
+    None,
+    "",
+]
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_vectorised_check_agrees_with_check_url(allow_private):
+    """check_urls settles most URLs with Arrow regexes: it must answer exactly like check_url."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.urlcheck import check_urls
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abcx0179.-:/@[]%?#\\ \t") + [
+        "localhost",
+        "0x",
+        "127",
+        "http://",
+        "https://",
+        "::",
+    ]
+    fuzz = [
+        "http://" + "".join(rng.choice(alphabet, size=int(rng.integers(1, 12))))
+        for _ in range(2000)
+    ]
+    urls = TRICKY + fuzz
+    expected = [check_url(u, allow_private) for u in urls]
+    assert check_urls(urls, allow_private) == expected
+    assert (
+        check_urls(pa.chunked_array([urls[:10], urls[10:]], pa.string()), allow_private) == expected
+    )
+    assert check_urls([], allow_private) == []

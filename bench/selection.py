@@ -15,7 +15,7 @@ k = 10, on CPU with every core. Rows:
 Uniform random vectors have no cluster structure, the worst case for IVF (real CLIP features
 are strongly clustered); ``--clustered`` draws a normalised mixture of Gaussians instead.
 
-Usage: .venv/bin/python bench/select.py [--quick] [--clustered]
+Usage: .venv/bin/python bench/selection.py [--quick] [--clustered]
 """
 
 from __future__ import annotations
