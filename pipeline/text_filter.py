@@ -121,6 +121,7 @@ def resolve_columns(schema: pa.Schema, mapping: dict, where: str) -> dict[str, s
         candidates = [candidates] if isinstance(candidates, str) else list(candidates)
         found = next((c for c in candidates if c in names), None)
         if found:
+            _check_type(canon, found, schema.field(found).type, where)
             out[canon] = found
         elif canon in REQUIRED:
             raise io.InputError(
@@ -128,6 +129,25 @@ def resolve_columns(schema: pa.Schema, mapping: dict, where: str) -> dict[str, s
                 "Map it with --set filter.columns.<name>=[...]"
             )
     return out
+
+
+def _check_type(canon: str, column: str, typ: pa.DataType, where: str) -> None:
+    """Refuse a column whose type cannot mean what its name says, at the footer, naming the
+    file: an integer caption or a text ``punsafe`` is a mis-mapped column, and casting it would
+    silently filter on nonsense (or fail deep inside a Spark task)."""
+    t = pa.types
+    if canon in REQUIRED:
+        ok = t.is_string(typ) or t.is_large_string(typ) or t.is_binary(typ)
+        ok = ok or t.is_large_binary(typ) or t.is_null(typ)
+        want = "string or binary"
+    else:
+        ok = t.is_integer(typ) or t.is_floating(typ) or t.is_decimal(typ) or t.is_null(typ)
+        want = "numeric"
+    if not ok:
+        raise io.InputError(
+            f"{where}: column {column!r} (used as {canon!r}) has type {typ}, expected {want}. "
+            "Map the right column with --set filter.columns.<name>=[...]"
+        )
 
 
 def _as_string(arr: pa.Array) -> pa.Array:

@@ -79,6 +79,14 @@ def check_url(url: str | None, allow_private: bool = False) -> str | None:
         return REASON_INVALID
     if allow_private:
         return None
+    if not host.isascii():
+        # Resolvers see the IDNA form: Python's socket layer NFKC-maps the name (nameprep) and
+        # splits on ideographic/fullwidth dots, so "ｌｏｃａｌｈｏｓｔ" or "１２７．０．０．１" would
+        # reach loopback. Judge that form, and refuse a name that has none.
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return REASON_INVALID
     host = host.rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return REASON_ADDRESS
