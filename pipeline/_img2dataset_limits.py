@@ -54,15 +54,56 @@ _LIMITS = {"max_bytes": 32 * 2**20, "max_pixels": 89_478_485, "allow_private": F
 
 def header_pixels(data: bytes) -> int | None:
     """Width x height declared by an image header (Pillow reads only the header), or None."""
+    import re
+    import warnings
+
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # we judge the size ourselves, from the header alone
+    # Pillow's own bomb guard is left as it is (setting Image.MAX_IMAGE_PIXELS would switch it
+    # off for everything else in this process, the embedder's decoding included): above twice
+    # its limit Pillow refuses to open the header, and its message carries the pixel count.
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            return int(w) * int(h)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                return int(w) * int(h)
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        return int(m.group(1)) if m else 2**63 - 1
     except Exception:  # not an image Pillow knows: img2dataset's decoder will judge it
         return None
+
+
+def to_8bit(data: bytes) -> bytes:
+    """A 16-bit image re-encoded as an 8-bit PNG (the high byte of each sample); any other
+    image unchanged.
+
+    img2dataset decodes with OpenCV's ``IMREAD_UNCHANGED``, which keeps 16-bit samples, and its
+    JPEG/WebP encoding then saturates every value above 255: a 16-bit photo comes out almost
+    all white. Only 16-bit PNGs (bit depth in the header) and TIFF/PGM files in Pillow's 16-bit
+    modes are decoded here, after the pixel cap has been checked.
+    """
+    png16 = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
+    if not png16:
+        if not data.startswith((b"II*\x00", b"MM\x00*", b"P5", b"P2")):
+            return data  # JPEG, WebP, GIF, 8-bit PNG: 8 bits by format
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if not im.mode.startswith("I;16"):
+                    return data
+        except Exception:
+            return data
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint16:
+        return data
+    ok, buf = cv2.imencode(".png", (img >> 8).astype(np.uint8))
+    return buf.tobytes() if ok else data
 
 
 def checked_create_connection(
@@ -153,7 +194,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
         pixels = header_pixels(data)
         if pixels is not None and pixels > max_pixels:
             return key, None, f"image too large: {pixels} pixels > {max_pixels}"
-        return key, io.BytesIO(data), None
+        return key, io.BytesIO(to_8bit(data)), None
     except Exception as err:  # img2dataset records every failure as a message, as we do
         return key, None, str(err) or type(err).__name__
 

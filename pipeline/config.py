@@ -101,6 +101,8 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
     path = _resolve_dataset_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, Mapping):
@@ -120,6 +122,9 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
             problems.append(f"duplicate class name {c!r} at labels {seen[c]} and {i}")
         seen.setdefault(c, i)
     templates = raw.get("templates") or ["a photo of a {}."]
+    if not isinstance(templates, list):
+        problems.append(f"'templates' must be a list of strings, not {type(templates).__name__}")
+        templates = []
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
             problems.append(f"template {t!r} must contain exactly one '{{}}'")
@@ -134,6 +139,7 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
             continue
         terms = [v] if isinstance(v, str) else list(v or [])
         synonyms[k] = tuple(str(t) for t in terms if str(t).strip())
+    problems += _matcher_conflicts(classes, synonyms)
     descriptions = None
     desc_ref = raw.get("descriptions")
     if desc_ref:
@@ -143,7 +149,10 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
         if not desc_path.exists():
             problems.append(f"descriptions file {str(desc_path)!r} does not exist")
         else:
-            descriptions = json.loads(desc_path.read_text(encoding="utf-8"))
+            try:
+                descriptions = json.loads(desc_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problems.append(f"descriptions file {str(desc_path)!r} is not valid JSON ({e})")
     indices = raw.get("imagenet_indices")
     if indices is not None:
         if len(indices) != len(classes):
@@ -164,6 +173,38 @@ def load_dataset(name_or_path: str | os.PathLike) -> DatasetSpec:
         source=str(raw.get("source") or ""),
         path=str(path),
     )
+
+
+def _matcher_conflicts(classes: list[str], synonyms: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Class names and synonyms the caption matcher could never tell apart.
+
+    Captions are matched after normalisation (case, punctuation, Unicode NFKC; see
+    :mod:`pipeline.matcher`). Two classes that normalise alike (``Rose``/``rose``), or a synonym
+    that normalises to another class's name, would make every caption naming them ambiguous,
+    so all of them would be dropped; a name with no letter or digit matches nothing.
+    """
+    from pipeline.matcher import normalize_texts
+
+    index: dict[str, int] = {}
+    for i, c in enumerate(classes):  # exact duplicates and empty names are reported already
+        if c:
+            index.setdefault(c, i)
+    terms = [(f"class name {c!r} (label {i})", i) for c, i in index.items()]
+    for c, ts in synonyms.items():
+        terms += [(f"synonym {t!r} of {c!r} (label {index[c]})", index[c]) for t in ts]
+    texts = list(index) + [t for ts in synonyms.values() for t in ts]
+    problems = []
+    owner: dict[str, tuple[str, int]] = {}
+    for (what, label), key in zip(terms, normalize_texts(texts)):
+        if not key.strip():
+            problems.append(f"{what} has no letter or digit to match")
+            continue
+        first = owner.setdefault(key, (what, label))
+        if first[1] != label:
+            problems.append(
+                f"{first[0]} and {what} are the same name to the caption matcher ({key!r})"
+            )
+    return problems
 
 
 # --------------------------------------------------------------------------- run config

@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 64 * 2**20
+# Declared width x height above which an image is refused before it is decoded (the download
+# stage's default max_image_pixels, and Pillow's warning threshold): a 100 kB PNG can declare
+# 10^8 pixels and cost a worker gigabytes once decoded and converted to RGB.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels."""
+
+
 # Failure rows kept in stats.json (every one is in its shard's .done marker).
 MAX_FAILURES_IN_STATS = 1000
 
@@ -364,15 +374,33 @@ def encode_texts(lm: LoadedModel, texts: list[str], batch_size: int = 256) -> np
 
 def decode_image(data: bytes, pre_pil, preprocess, image_size: int = 224):
     """Decode image bytes to the model's input: uint8 ``[3, S, S]`` via ``pre_pil`` when
-    given, else the float tensor of the full ``preprocess``. Raises on undecodable bytes."""
+    given, else the float tensor of the full ``preprocess``. Raises on undecodable bytes, and
+    :class:`ImageTooLarge` (before decoding) above :data:`MAX_IMAGE_PIXELS`."""
+    import warnings
+
     import torch
     from PIL import Image
 
-    with Image.open(_io.BytesIO(data)) as im:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(_io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from None
+    with im:
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(f"{w}x{h} pixels > {MAX_IMAGE_PIXELS} (decompression bomb?)")
         # JPEG only: decode at a reduced DCT scale when the image is far larger than needed
         # (no smaller than twice the crop, so the bicubic resize still antialiases).
         im.draft("RGB", (2 * image_size, 2 * image_size))
-        rgb = im.convert("RGB")
+        if im.mode.startswith("I;16") or im.mode == "I":
+            # Pillow clips 16-bit samples to 255 when converting to RGB (a nearly white
+            # image); keep the high byte instead.
+            grey = (np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            rgb = Image.fromarray(grey, "L").convert("RGB")
+        else:
+            rgb = im.convert("RGB")
     if pre_pil is None:
         return preprocess(rgb)
     arr = np.asarray(pre_pil(rgb), dtype=np.uint8)
@@ -409,7 +437,8 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _sample_fields(key: str, sample: dict[str, bytes]) -> tuple[str, int, bytes | None, str]:
-    """``(uid, label, image bytes or None, error)`` of one webdataset sample."""
+    """``(uid, label, image bytes or None, error)`` of one webdataset sample; ``error`` is
+    empty when the sample can be embedded (a sample without json keeps its key as uid)."""
     meta: dict = {}
     err = ""
     if "json" in sample:
@@ -426,7 +455,7 @@ def _sample_fields(key: str, sample: dict[str, bytes]) -> tuple[str, int, bytes 
         label, err = -1, f"label {meta.get('label')!r} is not an integer"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        return uid, label, None, "no image in sample"
+        return uid, label, None, f"no image in sample: members {sorted(sample)}"
     return uid, label, sample[ext], err
 
 
@@ -465,7 +494,9 @@ def _iter_unit_batches(units: list[_Unit], pre_pil, preprocess, image_size: int,
                 if i % unit.parts != unit.part:
                     continue
                 uid, label, data, err = _sample_fields(key, sample)
-                if data is None:
+                if data is None or err:
+                    # Unreadable metadata is a failure too: embedding it under its tar key and
+                    # label -1 would give a row no later stage can join back to its sample.
                     errors.append((uid, err))
                     continue
                 try:

@@ -17,6 +17,9 @@ with routes for the failure modes a downloader must survive::
     /noai/<path>                      <path> with ``X-Robots-Tag: noai, noimageai``
     /reset/<anything>                 the connection is closed without a response
     /bomb.png                         a PNG declaring 30000x30000 pixels (a decompression bomb)
+    /awkward/<name>                   a real but awkward image (see :func:`awkward_images`):
+                                      cmyk.jpg, gray16.png, rgb16.png, animated.gif,
+                                      1x1.png, rgba.png, palette.png
 """
 
 from __future__ import annotations
@@ -153,6 +156,55 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
+@lru_cache(maxsize=1)
+def awkward_images() -> dict[str, bytes]:
+    """Real images in the modes and shapes that trip decoders, built with Pillow from the
+    scikit-image cat: a CMYK JPEG, a 16-bit greyscale PNG (a ramp, mode ``I;16``), a 16-bit
+    RGB PNG, a two-frame animated GIF, a 1x1 PNG, an RGBA PNG and a palette (``P``) PNG with
+    transparency.
+    Returns ``{file name: bytes}``."""
+    from PIL import Image
+
+    def enc(img, fmt: str, **kw) -> bytes:
+        buf = _io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    photo = Image.open(_io.BytesIO(skimage_bytes("chelsea"))).convert("RGB")
+    small = photo.resize((80, 60))
+    ramp = np.linspace(0, 65535, 96 * 64).reshape(64, 96).astype(np.uint16)
+    return {
+        "cmyk.jpg": enc(photo.convert("CMYK"), "JPEG"),
+        "gray16.png": enc(Image.fromarray(ramp), "PNG"),
+        "rgb16.png": _png_rgb16(np.asarray(small).astype(np.uint16) * 257),
+        "animated.gif": enc(
+            small, "GIF", save_all=True, append_images=[small.rotate(90)], duration=50, loop=0
+        ),
+        "1x1.png": enc(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "rgba.png": enc(photo.convert("RGBA"), "PNG"),
+        "palette.png": enc(small.convert("P"), "PNG", transparency=0),
+    }
+
+
+def _png_rgb16(rgb: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG of an ``[H, W, 3]`` uint16 array (Pillow cannot write one)."""
+    h, w, _ = rgb.shape
+    rows = rgb.astype(">u2").reshape(h, w * 6 // 2).view(np.uint8).reshape(h, w * 6)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "PrimerTestImageServer/1.0"
@@ -274,6 +326,12 @@ class ImageServer:
             return None
         if head == "bomb.png":
             return 200, _bomb_bytes(), "image/png", {}
+        if head == "awkward":
+            body = awkward_images().get(parts[1])
+            if body is None:
+                return 404, b"no such image", "text/plain", {}
+            ext = parts[1].rsplit(".", 1)[1]
+            return 200, body, "image/jpeg" if ext == "jpg" else f"image/{ext}", {}
         return 404, b"not found", "text/plain", {}
 
 
