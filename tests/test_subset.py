@@ -40,6 +40,18 @@ def demo_run(tmp_path_factory, port, spark):
     return out
 
 
+def _demo_config(run):
+    """The subset config of a demo run directory, pointing at the inputs the demo wrote."""
+    return SubsetConfig(
+        dataset="FashionMNIST",
+        metadata=os.path.join(run, "inputs", "laion"),
+        data_root=os.path.join(run, "inputs", "task"),
+        run_dir=run,
+        model="primer-tiny-vit",
+        pretrained="none",
+    )
+
+
 def _bytes(run, stage, name):
     with open(os.path.join(run, STAGE_OUT[stage], name), "rb") as f:
         return f.read()
@@ -72,14 +84,7 @@ def test_rerun_skips_everything(demo_run, port):
         calls.append(argv)
         return 0
 
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=os.path.join(demo_run, "inputs", "laion"),
-        data_root=os.path.join(demo_run, "inputs", "task"),
-        run_dir=demo_run,
-        model="primer-tiny-vit",
-        pretrained="none",
-    )
+    cfg = _demo_config(demo_run)
     results = run_subset(cfg, overrides=demo_overrides(), run_stage=spy)
     assert calls == [] and {r.status for r in results} == {"skipped"}
 
@@ -119,14 +124,7 @@ def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path
     shutil.copytree(demo_run, run)
     os.unlink(os.path.join(run, "_LOCK"))
     shutil.rmtree(os.path.join(run, "decisions"))
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=os.path.join(run, "inputs", "laion"),
-        data_root=os.path.join(run, "inputs", "task"),
-        run_dir=run,
-        model="primer-tiny-vit",
-        pretrained="none",
-    )
+    cfg = _demo_config(run)
     with pytest.raises(RuntimeError, match="clip-filter"):
         run_subset(cfg, run_stage=lambda argv: 1 if argv[0] == "clip-filter" else 0)
     assert io.is_done(os.path.join(run, "emb", "pool")) and not os.path.exists(
