@@ -87,8 +87,12 @@ def topk_numpy(
     idx = np.full((len(q), k), -1, np.int64)
     if kk == 0:
         return scores, idx
+    p64 = p.astype(np.float64)
     for s in range(0, len(q), batch):
-        sims = q[s : s + batch] @ p.T
+        # float64, then rounded: a float32 BLAS product can score identical pool rows
+        # differently (a kernel's tail columns accumulate in another order; seen on AMD EPYC),
+        # which would break the reference's own tie rule.
+        sims = (q[s : s + batch].astype(np.float64) @ p64.T).astype(np.float32)
         order = np.lexsort((np.broadcast_to(np.arange(len(p)), sims.shape), -sims), axis=1)[:, :kk]
         idx[s : s + batch, :kk] = order
         scores[s : s + batch, :kk] = np.take_along_axis(sims, order, axis=1)
