@@ -8,15 +8,17 @@ URL), in record batches of the needed columns only, matches a whole batch at a t
 length) and writes its matches to ``<out>/_scan/part-<file index>.parquet`` with per-file
 stats next to it. A rerun reuses the scan parts that exist, so a killed job resumes.
 
-The global filters run after the scan, on the driver, in Arrow (group-by and sort kernels, no
-per-row Python): a row found in several input files is kept once; URL de-duplication keeps
-the row of the smallest uid of each URL; the per-class cap keeps the ``max_per_class`` rows
-with the smallest seeded hash of their uid (:func:`cap_hash`: a pseudo-random sample, not the
-first rows in file order). The driver reads only ``uid``, ``url`` and ``label`` of the
-matches, so their keys (about 150 bytes a match: some 15 GB for 100M matches) must fit in
-driver memory. It writes the surviving keys of each part to ``_scan/keep-<index>.parquet``,
-and Spark tasks rewrite each scan part as ``part-<file index>.parquet``, rows sorted by
-(uid, label): the same input and config give the same files, byte for byte.
+The global filters run after the scan, on the driver, in numpy: each task also writes the
+keys of its matches to ``_scan/part-<index>.keys`` (uid and a BLAKE2b-128 digest of the URL as
+integer words, and the label: 37 bytes a match, some 4 GB for 100M matches, which must fit in
+driver memory). A row found in several input files is kept once; URL de-duplication keeps the
+row of the smallest uid of each URL; the per-class cap keeps the ``max_per_class`` rows with
+the smallest seeded hash of their uid (:func:`cap_hash`: a pseudo-random sample, not the first
+rows in file order). A scan part that loses no rows is already final (rows in file order, each
+(uid, label) once) and is hard-linked (or copied) into place as ``part-<file index>.parquet``; for
+the others the driver writes the numbers of the surviving rows to ``_scan/keep-<index>.rows``
+and Spark tasks rewrite them. Either way the same input and config give the same files, byte
+for byte.
 
 Output at ``--out``: ``part-<file index>.parquet`` (see docs/architecture.md for the columns),
 ``_stats.json``, ``_config.json`` and ``_SUCCESS`` last. The JSON files carry a leading
@@ -27,7 +29,11 @@ parquet parts alone; a plain ``stats.json`` there makes it fail.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import logging
+import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -40,6 +46,7 @@ import pyarrow.parquet as pq
 
 from pipeline import io
 from pipeline.config import load_dataset, stage_config, to_dict
+from pipeline.matcher import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,6 @@ OPTIONAL_TYPES = {
     "pwatermark": pa.float64(),
 }
 SCAN_DIR = "_scan"
-_KEYS_SCHEMA = pa.schema(
-    [("uid", pa.string()), ("url", pa.string()), ("label", pa.int32()), ("part", pa.int64())]
-)
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
 STATS = "_stats.json"
 CONFIG = "_config.json"
@@ -103,8 +107,8 @@ class TextFilterConfig:
             problems.append("max_punsafe must be in [0, 1]")
         if self.batch_rows < 1:
             problems.append("batch_rows must be >= 1")
-        if self.engine not in ("auto", "hyperscan", "ahocorasick"):
-            problems.append("engine must be auto, hyperscan or ahocorasick")
+        if self.engine != "auto" and self.engine not in ENGINES:
+            problems.append("engine must be auto or one of " + ", ".join(ENGINES))
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -166,6 +170,52 @@ def _as_string(arr: pa.Array) -> pa.Array:
     return pc.cast(arr, pa.string())
 
 
+def make_uids(urls: pa.Array, captions: pa.Array) -> pa.Array:
+    """:func:`pipeline.io.make_uids` (BLAKE2b-128 of url, 0x1F, caption; nulls as empty), the
+    same strings without a Python object per row: the fields are joined in Arrow and hashed by
+    a compiled kernel (:func:`blake2b_128`)."""
+    joined = pc.binary_join_element_wise(urls.fill_null(""), captions.fill_null(""), "\x1f")
+    return _hex_strings(blake2b_128(joined))
+
+
+def blake2b_128(arr: pa.Array) -> np.ndarray:
+    """BLAKE2b with a 16-byte digest of each row of a string or binary array (nulls hash as
+    empty): ``uint8 [rows, 16]``. numba's kernel where numba imports, else hashlib per row (the
+    same bytes, a third of the speed)."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = arr.fill_null("" if pa.types.is_string(arr.type) else b"")
+    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.binary())  # int32 offsets below; text-filter batches stay far under 2 GB
+    out = np.zeros((len(arr), 16), dtype=np.uint8)
+    if not len(arr):
+        return out
+    try:
+        _kernels = importlib.import_module("pipeline._kernels")
+    except ImportError:
+        rows = arr.cast(pa.binary()).to_pylist()
+        digest = hashlib.blake2b
+        return np.frombuffer(
+            b"".join([digest(b, digest_size=16).digest() for b in rows]), dtype=np.uint8
+        ).reshape(-1, 16)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    data = arr.buffers()[2]
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
+    _kernels.blake2b_128(values, offsets.astype(np.int64), _kernels.BLAKE2B_IV, out)
+    return out
+
+
+def _hex_strings(digests: np.ndarray) -> pa.Array:
+    """Lower-case hex strings of ``uint8 [rows, k]`` (2k digits each), built in numpy."""
+    n, k = digests.shape
+    hexed = _HEX_PAIRS[digests]
+    offsets = np.arange(0, 2 * k * n + 1, 2 * k, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(hexed.tobytes())]
+    )
+
+
 def filter_batch(
     batch: pa.RecordBatch,
     cols: dict[str, str],
@@ -177,19 +227,28 @@ def filter_batch(
     """The pure core: one record batch in, its kept matches out (canonical columns).
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
-    (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``ambiguous``,
-    ``too_small``, ``unsafe``, ``low_similarity``) and ``rows_matched``.
+    (``null_or_empty_caption``, ``caption_too_long``, ``null_or_empty_url``, ``no_match``,
+    ``ambiguous``, ``too_small``, ``unsafe``, ``low_similarity``) and ``rows_matched``.
     """
     n = batch.num_rows
     stats["rows_scanned"] += n
     captions = _as_string(batch.column(cols["caption"]))
     urls = _as_string(batch.column(cols["url"]))
-    lengths = pc.utf8_length(captions.fill_null("")).to_numpy(zero_copy_only=False)
-    empty = (lengths == 0) | np.asarray(captions.is_null().to_numpy(zero_copy_only=False))
+    # Byte lengths bound character lengths from above: count characters only where needed.
+    lengths = pc.binary_length(captions).fill_null(0).to_numpy(zero_copy_only=False)
+    empty = lengths == 0
     too_long = lengths > cfg.max_caption_chars
+    if too_long.any():
+        rows = np.flatnonzero(too_long)
+        chars = pc.utf8_length(captions.take(pa.array(rows))).to_numpy(zero_copy_only=False)
+        too_long[rows] = chars > cfg.max_caption_chars
+    # A row without a URL cannot be downloaded: dropped before matching (and never reaches the
+    # global URL de-duplication).
+    no_url = pc.binary_length(urls).fill_null(0).to_numpy(zero_copy_only=False) == 0
     stats["dropped_null_or_empty_caption"] += int(empty.sum())
     stats["dropped_caption_too_long"] += int((too_long & ~empty).sum())
-    usable = ~empty & ~too_long
+    stats["dropped_null_or_empty_url"] += int((no_url & ~empty & ~too_long).sum())
+    usable = ~empty & ~too_long & ~no_url
     # Over-long captions are blanked before matching, so one hostile row cannot slow a batch.
     to_match = (
         captions
@@ -199,23 +258,18 @@ def filter_batch(
     result = matcher.match(to_match)
     label = result.label
     stats["dropped_no_match"] += int(((label == -1) & usable).sum())
-    rows: list[int] = []
-    labs: list[int] = []
-    terms: list[int] = []
     single = np.flatnonzero(label >= 0)
-    rows.extend(single.tolist())
-    labs.extend(label[single].tolist())
-    terms.extend(result.term[single].tolist())
-    ambiguous = np.flatnonzero(label == -2)
+    rows, labs, terms = single, label[single], result.term[single]
     if cfg.keep_ambiguous:
-        for r in ambiguous.tolist():
-            for lab, t in result.labels_all[r]:
-                rows.append(r)
-                labs.append(lab)
-                terms.append(t)
+        # An ambiguous row once under each class it names; rows stay in file order.
+        rows = np.concatenate([rows, result.amb_row])
+        labs = np.concatenate([labs, result.amb_label])
+        terms = np.concatenate([terms, result.amb_term])
+        order = np.lexsort((labs, rows))
+        rows, labs, terms = rows[order], labs[order], terms[order]
     else:
-        stats["dropped_ambiguous"] += len(ambiguous)
-    if not rows:
+        stats["dropped_ambiguous"] += int((label == -2).sum())
+    if not len(rows):
         return _empty_output(cols)
     idx = pa.array(rows, pa.int64())
     keep = np.ones(len(rows), dtype=bool)
@@ -247,21 +301,24 @@ def filter_batch(
         )
         stats["dropped_low_similarity"] += int((low & keep).sum())
         keep &= ~low
-    sel = pa.array(np.flatnonzero(keep))
-    idx = idx.take(sel)
-    url_sel = urls.take(idx)
-    cap_sel = captions.take(idx)
-    labels = pa.array(np.asarray(labs, dtype=np.int32)).take(sel)
-    terms_sel = pa.array(np.asarray(terms, dtype=np.int64)).take(sel)
+    if not keep.all():
+        k = np.flatnonzero(keep)
+        rows, labs, terms = rows[k], labs[k], terms[k]
+        extra = {c: v.take(pa.array(k)) for c, v in extra.items()}
+    idx = pa.array(rows)
+    url_sel, cap_sel = urls.take(idx), captions.take(idx)
+    labels = pa.array(labs.astype(np.int32))
     table = pa.table(
         {
-            "uid": io.make_uids(url_sel, cap_sel),  # after the filters: it costs ~1 us a row
+            "uid": make_uids(url_sel, cap_sel),  # after the filters: hashing is per kept row
             "url": url_sel,
             "caption": cap_sel,
             "label": labels,
             "class_name": pa.array(classes, pa.string()).take(labels),
-            "matched_term": pa.array([t.text for t in matcher.terms], pa.string()).take(terms_sel),
-            **{k: v.take(sel) for k, v in extra.items()},
+            "matched_term": pa.array([t.text for t in matcher.terms], pa.string()).take(
+                pa.array(terms)
+            ),
+            **extra,
         }
     )
     stats["rows_matched"] += table.num_rows
@@ -286,6 +343,25 @@ def _empty_output(cols: dict[str, str]) -> pa.Table:
 
 
 # ---------------------------------------------------------------------- per-file task
+
+
+def _write_part(table: pa.Table, url: str) -> None:
+    """:func:`pipeline.io.write_parquet` (atomic, zstd) with dictionary pages only for the
+    low-cardinality columns: dictionaries of uids, URLs and captions cost a fifth of the write
+    time and save nothing."""
+    with io.atomic_open(url, "wb") as f:
+        pq.write_table(
+            table,
+            f,
+            compression="zstd",
+            use_dictionary=["label", "class_name", "matched_term"],
+            # Min/max of URLs and captions prune nothing and cost a tenth of the write.
+            write_statistics=[c for c in table.column_names if c not in ("url", "caption")],
+        )
+
+
+def _keys_path(out: str, index: int) -> str:
+    return io.join(out, SCAN_DIR, f"part-{index:05d}.keys")
 
 
 def _piece_paths(out: str, index: int) -> tuple[str, str]:
@@ -344,36 +420,39 @@ def scan_file(
         return result
     table = pa.concat_tables(tables) if tables else _empty_output(cols)
     t = time.perf_counter()
-    table = _drop_repeated_keys(table.sort_by([("uid", "ascending"), ("label", "ascending")]))
+    # Repeats of a (uid, label) (the same row twice in a file) dropped, the first kept; rows
+    # stay in file order. numpy over the keys' integer words, no string sort.
+    keys = match_keys(table)
+    order = _sort_keys(keys["uid_hi"], keys["uid_lo"], keys["label"], np.arange(len(keys)))
+    k = keys[order]
+    repeat = (
+        (k["uid_hi"][1:] == k["uid_hi"][:-1])
+        & (k["uid_lo"][1:] == k["uid_lo"][:-1])
+        & (k["label"][1:] == k["label"][:-1])
+    )
+    if repeat.any():
+        keep = np.ones(len(keys), dtype=bool)
+        keep[order[1:][repeat]] = False
+        table, keys = table.filter(pa.array(keep)), keys[keep]
     stats["dropped_duplicate_row"] += stats["rows_matched"] - table.num_rows
     stats["rows_matched"] = table.num_rows
-    io.write_parquet(table, part)
+    _write_part(table, part)
     timings["write_s"] += time.perf_counter() - t
-    per_class = Counter(table.column("label").to_numpy().tolist())
+    labels, label_counts = np.unique(keys["label"], return_counts=True)
     result = {
         "file": url,
         "counts": dict(stats),
-        "per_class": {str(k): v for k, v in per_class.items()},
+        "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
         "timings": {**timings, "total_s": time.perf_counter() - t0},
     }
+    # Keys in a file of their own, not in the task's result: collected results are capped
+    # (spark.driver.maxResultSize, 1 GB by default), and a resumed run finds them here too.
+    io.write_bytes(_keys_path(out, index), keys.tobytes())
     io.write_json(stats_url, result)
     return result
 
 
 # ---------------------------------------------------------------------- global filters
-
-
-def _drop_repeated_keys(table: pa.Table) -> pa.Table:
-    """Keep the first row of each run of equal (uid, label) in a table sorted by them."""
-    if table.num_rows < 2:
-        return table
-    uid, lab = table.column("uid"), table.column("label")
-    same = pc.and_(
-        pc.equal(uid.slice(1), uid.slice(0, table.num_rows - 1)),
-        pc.equal(lab.slice(1), lab.slice(0, table.num_rows - 1)),
-    )
-    keep = np.r_[True, ~same.to_numpy(zero_copy_only=False)]
-    return table if keep.all() else table.filter(pa.array(keep))
 
 
 def cap_hash(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarray:
@@ -398,7 +477,12 @@ def cap_hash(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndar
     x = np.zeros(n, dtype=np.uint64)
     for k in range(16):
         x = (x << np.uint64(4)) | nib[:, k]
-    return _splitmix64(x ^ _splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
+    return _cap_hash_words(x, seed)
+
+
+def _cap_hash_words(uid_hi: np.ndarray, seed: int) -> np.ndarray:
+    """:func:`cap_hash` from the high word of each uid (its first 16 hex digits)."""
+    return _splitmix64(uid_hi ^ _splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -409,58 +493,184 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+# Keys of a match, for the global filters: its uid and a BLAKE2b-128 digest of its URL, each as
+# two uint64 words, and its label. Scan tasks return them packed (37 bytes a match), so the
+# driver neither re-reads the scan parts nor hashes strings.
+KEY_DTYPE = np.dtype(
+    [
+        ("uid_hi", "<u8"),
+        ("uid_lo", "<u8"),
+        ("url_hi", "<u8"),
+        ("url_lo", "<u8"),
+        ("label", "<i4"),
+        ("has_url", "u1"),
+    ]
+)
+
+
+def match_keys(table: pa.Table) -> np.ndarray:
+    """:data:`KEY_DTYPE` records of a table with ``uid``, ``url`` and ``label`` columns."""
+    keys = np.zeros(table.num_rows, dtype=KEY_DTYPE)
+    if not table.num_rows:
+        return keys
+    keys["uid_hi"], keys["uid_lo"] = _uid_words(table.column("uid"))
+    keys["label"] = table.column("label").to_numpy()
+    url = table.column("url").combine_chunks()
+    keys["has_url"] = np.asarray(url.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)
+    words = blake2b_128(url).view(">u8")
+    keys["url_hi"], keys["url_lo"] = words[:, 0], words[:, 1]
+    return keys
+
+
 def global_keep(keys: pa.Table, cfg: TextFilterConfig) -> tuple[pa.Table, Counter]:
     """Which matches survive the global filters; returns ``(kept uid/label/part, drop counts)``.
 
     ``keys`` holds ``uid``, ``url``, ``label`` and ``part`` (scan part index) of every match.
-    A (uid, label) found in several parts (the same row in two input files) is kept once, in
-    its lowest part. De-duplication keeps, per URL, the rows of the smallest uid (all its
-    labels when ambiguous rows are kept); the cap keeps per class the ``max_per_class`` rows
-    of smallest :func:`cap_hash` (ties by uid).
+    See :func:`global_keep_keys`, which this wraps.
+    """
+    part = keys.column("part").to_numpy().astype(np.int64)
+    idx, counts = global_keep_keys(match_keys(keys), part, cfg)
+    return keys.select(["uid", "label", "part"]).take(pa.array(idx, pa.int64())), counts
+
+
+def global_keep_keys(
+    keys: np.ndarray, part: np.ndarray, cfg: TextFilterConfig
+) -> tuple[np.ndarray, Counter]:
+    """Which matches survive the global filters: ``(indices into keys, drop counts)``.
+
+    ``keys`` are :data:`KEY_DTYPE` records and ``part`` the scan part of each. A (uid, label)
+    found in several parts (the same row in two input files) is kept once, in its lowest part.
+    De-duplication keeps, per URL, the rows of the smallest uid (all its labels when ambiguous
+    rows are kept; rows without a URL are dropped); the cap keeps per class the
+    ``max_per_class`` rows of smallest :func:`cap_hash` (ties by uid).
+
+    All numpy sorts over integers: the uid's words order uids as their strings do, and URLs are
+    told apart by a 128-bit digest, as rows are by their 128-bit uid. (Arrow's string
+    ``group_by`` and ``join`` took most of a second per million matches.)
     """
     counts: Counter = Counter()
-    n = keys.num_rows
-    keys = keys.group_by(["uid", "label"], use_threads=False).aggregate(
-        [("part", "min"), ("url", "min")]
+    n = len(keys)
+    # Contiguous columns: the packed records' fields are unaligned, slow to index.
+    hi, lo, url_hi, url_lo = (
+        np.ascontiguousarray(keys[f]) for f in ("uid_hi", "uid_lo", "url_hi", "url_lo")
     )
-    keys = keys.rename_columns({"part_min": "part", "url_min": "url"})
-    counts["dropped_duplicate_row"] += n - keys.num_rows
-    if cfg.dedup_urls and keys.num_rows:
-        best = keys.group_by("url", use_threads=False).aggregate([("uid", "min")])
-        joined = keys.join(best, "url", use_threads=False)
-        n = keys.num_rows
-        keys = joined.filter(pc.equal(joined.column("uid"), joined.column("uid_min")))
-        keys = keys.drop_columns(["uid_min"])
-        counts["dropped_duplicate_url"] += n - keys.num_rows
-    if cfg.max_per_class and keys.num_rows:
-        h = cap_hash(keys.column("uid"), cfg.seed)
-        label = keys.column("label").to_numpy()
-        uid = np.asarray(keys.column("uid").to_numpy(zero_copy_only=False))
-        order = np.lexsort((uid, h, label))
-        lab_sorted = label[order]
-        first = np.r_[0, np.flatnonzero(lab_sorted[1:] != lab_sorted[:-1]) + 1]
-        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-        keep = np.zeros(len(order), dtype=bool)
-        keep[order[rank < cfg.max_per_class]] = True
+    label = keys["label"].astype(np.int64)
+    if cfg.dedup_urls:
+        # One sort by (URL, uid, label, part): a uid fixes its URL, so the repeats of a
+        # (uid, label) are neighbours (the first in its lowest part), and each URL's run starts
+        # with its smallest uid.
+        order = _sort_keys(url_hi, url_lo, hi, lo, label, part)
+    else:
+        order = _sort_keys(hi, lo, label, part)  # (uid, label, part)
+    h, lw, lb = hi[order], lo[order], label[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (lw[1:] != lw[:-1]) | (lb[1:] != lb[:-1])
+    counts["dropped_duplicate_row"] += n - int(first.sum())
+    if cfg.dedup_urls and n:
+        u_hi, u_lo = url_hi[order], url_lo[order]
+        starts = np.ones(n, dtype=bool)
+        starts[1:] = (u_hi[1:] != u_hi[:-1]) | (u_lo[1:] != u_lo[:-1])
+        run_first = np.flatnonzero(starts)[np.cumsum(starts) - 1]
+        best = (h == h[run_first]) & (lw == lw[run_first]) & keys["has_url"][order].astype(bool)
+        counts["dropped_duplicate_url"] += int((first & ~best).sum())
+        first &= best
+    order = np.sort(order[first])
+    if cfg.max_per_class and len(order):
+        h, lw, lb = hi[order], lo[order], label[order]
+        cap = _cap_hash_words(h, cfg.seed)
+        # By (label, hash, uid): sorted by hash (ties by uid, as their strings order), then a
+        # stable sort by label; cheaper than np.lexsort over the four.
+        rank_order = _sort_keys(cap, h, lw)
+        rank_order = rank_order[np.argsort(lb[rank_order], kind="stable")]
+        lab_sorted = lb[rank_order]
+        starts = np.r_[0, np.flatnonzero(lab_sorted[1:] != lab_sorted[:-1]) + 1]
+        rank = np.arange(len(rank_order)) - np.repeat(
+            starts, np.diff(np.r_[starts, len(rank_order)])
+        )
+        keep = np.zeros(len(rank_order), dtype=bool)
+        keep[rank_order[rank < cfg.max_per_class]] = True
         counts["dropped_over_class_cap"] += int((~keep).sum())
-        keys = keys.filter(pa.array(keep))
-    return keys.select(["uid", "label", "part"]), counts
+        order = order[keep]
+    return order, counts
+
+
+def _uid_words(uids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The 128-bit value of each uid (32 lower-case hex digits) as (high, low) uint64 words;
+    their order is the uids' string order. Raises ``ValueError`` for any other uid."""
+    arr = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    if arr.null_count or not pa.types.is_string(arr.type):
+        raise ValueError("uids must be 32 hex digits")
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
+    if not (np.diff(offsets) == 32).all():
+        raise ValueError("uids must be 32 hex digits")
+    digits = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    nib = _HEX_VALUE[digits].reshape(n, 32)
+    if (nib > 15).any():
+        raise ValueError("uids must be 32 hex digits")
+    packed = (nib[:, 0::2] << 4) | nib[:, 1::2]  # the 16 bytes of each uid, big-endian
+    words = np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
+    return words[:, 0].copy(), words[:, 1].copy()
+
+
+def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+    """The order sorting rows by ``first``, then each of ``rest``. One argsort of ``first`` (a
+    uint64 word of a uid or URL digest); only the rows that share it (the same uid or URL,
+    found in two files or under two labels) are sorted by the other keys: a quarter of the
+    cost of ``np.lexsort`` over them all."""
+    order = np.argsort(first)
+    f = first[order]
+    tie = np.zeros(len(f), dtype=bool)
+    tie[1:] = f[1:] == f[:-1]
+    tie[:-1] |= tie[1:].copy()
+    if tie.any():
+        pos = np.flatnonzero(tie)  # runs of equal words: contiguous, in order
+        rows = order[pos]
+        order[pos] = rows[np.lexsort(tuple(k[rows] for k in (*reversed(rest), first)))]
+    return order
+
+
+# Hex digit -> value; 255 for anything that is not a lower-case hex digit.
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
+_HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint16)
 
 
 def _keep_path(out: str, index: int) -> str:
-    return io.join(out, SCAN_DIR, f"keep-{index:05d}.parquet")
+    return io.join(out, SCAN_DIR, f"keep-{index:05d}.rows")
 
 
 def finalize_part(index: int, out: str) -> int:
-    """Write ``part-<index>.parquet``: the rows of scan part ``index`` whose (uid, label) its
-    keep file lists, sorted by (uid, label). Returns the number of rows written."""
+    """Write ``part-<index>.parquet``: the rows of scan part ``index`` that its keep file lists
+    (ascending row numbers, int64), in file order. Returns the rows written."""
     part, _ = _piece_paths(out, index)
-    table = io.read_parquet(part)
-    keep = io.read_parquet(_keep_path(out, index)).select(["uid", "label"])
-    table = table.join(keep, keys=["uid", "label"], join_type="left semi", use_threads=False)
-    table = table.sort_by([("uid", "ascending"), ("label", "ascending")])
-    io.write_parquet(table, io.join(out, f"part-{index:05d}.parquet"))
+    rows = np.frombuffer(io.read_bytes(_keep_path(out, index)), dtype="<i8")
+    table = io.read_parquet(part).take(pa.array(rows.astype(np.int64)))
+    _write_part(table, io.join(out, f"part-{index:05d}.parquet"))
     return table.num_rows
+
+
+def _publish_part(index: int, out: str) -> None:
+    """Make scan part ``index`` the final ``part-<index>.parquet`` as it is (the global filters
+    dropped none of its rows): a hard link where the output is local, else a copy; either
+    appears whole or not at all."""
+    src, _ = _piece_paths(out, index)
+    dst = io.join(out, f"part-{index:05d}.parquet")
+    fs, src_path = io.url_to_fs(src)
+    _, dst_path = io.url_to_fs(dst)
+    if not io.is_local(out):
+        fs.copy(src_path, dst_path)  # object stores: a server-side copy, visible when done
+        return
+    tmp = os.path.join(os.path.dirname(dst_path), f".{os.path.basename(dst_path)}.tmp-link")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(src_path, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src_path, tmp)
+    os.replace(tmp, dst_path)
 
 
 # ---------------------------------------------------------------------- driver
@@ -545,37 +755,57 @@ def run_text_filter(
             bad[r["file"]] = r["bad_file"]
     done = [i for (i, f), r in zip(todo, results) if "bad_file" not in r]
     counts: Counter = Counter()
-    per_class: Counter = Counter()
     timings: Counter = Counter()
     for r in results:
         counts.update(r.get("counts", {}))
-        per_class.update({int(k): v for k, v in r.get("per_class", {}).items()})
         timings.update(r.get("timings", {}))
-    # Global filters over the keys of all matches (driver), then tasks rewrite the parts.
+    # Global filters over the keys of all matches (driver, numpy). A part that loses no rows
+    # is already final (deduplicated): it is linked or copied into place. Only parts
+    # that lose rows are rewritten, by Spark tasks.
     from tqdm import tqdm
 
     t_global = time.perf_counter()
-    key_tables = []
-    for i in tqdm(done, desc="read match keys", unit="part", disable=None):
-        t = io.read_parquet(_piece_paths(out, i)[0], columns=["uid", "url", "label"])
-        key_tables.append(t.append_column("part", pa.array(np.full(t.num_rows, i, dtype=np.int64))))
-    keys = pa.concat_tables(key_tables) if key_tables else _KEYS_SCHEMA.empty_table()
-    kept, gcounts = global_keep(keys, cfg)
-    del keys, key_tables
+    key_arrays = []
+    for (i, _), r in zip(todo, results):
+        if "bad_file" in r:
+            continue
+        if io.exists(_keys_path(out, i)):
+            key_arrays.append(np.frombuffer(io.read_bytes(_keys_path(out, i)), dtype=KEY_DTYPE))
+        else:  # a scan part written without its keys (by an older version)
+            part = io.read_parquet(_piece_paths(out, i)[0], columns=["uid", "url", "label"])
+            key_arrays.append(match_keys(part))
+    keys = np.concatenate(key_arrays) if key_arrays else np.zeros(0, dtype=KEY_DTYPE)
+    part_of = np.repeat(np.asarray(done, dtype=np.int64), [len(k) for k in key_arrays])
+    part_rows = dict(zip(done, (len(k) for k in key_arrays)))
+    del key_arrays
+    kept, gcounts = global_keep_keys(keys, part_of, cfg)
     counts.update(gcounts)
-    kept = kept.sort_by("part")
-    parts = kept.column("part").to_numpy()
-    bounds = np.searchsorted(parts, np.asarray(done, dtype=np.int64), side="left")
-    bounds_end = np.searchsorted(parts, np.asarray(done, dtype=np.int64), side="right")
+    # Keys are concatenated part by part in row order: sorted indices are grouped by part,
+    # and within a part they are row numbers (after subtracting the part's first index).
+    kept = np.sort(kept)
+    kept_part = part_of[kept]
+    part_start = dict(zip(done, np.searchsorted(part_of, np.asarray(done, dtype=np.int64))))
+    bounds = np.searchsorted(kept_part, np.asarray(done, dtype=np.int64), side="left")
+    bounds_end = np.searchsorted(kept_part, np.asarray(done, dtype=np.int64), side="right")
+    rewrite = []
     for i, a, b in tqdm(
-        list(zip(done, bounds, bounds_end)), desc="write keep lists", unit="part", disable=None
+        list(zip(done, bounds, bounds_end)), desc="place parts", unit="part", disable=None
     ):
-        io.write_parquet(kept.slice(a, b - a).select(["uid", "label"]), _keep_path(out, i))
-    final_per_class = Counter(kept.column("label").to_numpy().tolist())
-    del kept, parts
-    kept_rows = (
-        sc.parallelize(done, max(1, len(done))).map(lambda i: finalize_part(i, out)).collect()
-    )
+        if b - a == part_rows[i]:
+            _publish_part(i, out)
+        else:
+            rows = (kept[a:b] - part_start[i]).astype("<i8")
+            io.write_bytes(_keep_path(out, i), rows.tobytes())
+            rewrite.append(i)
+    final_per_class = np.bincount(keys["label"][kept], minlength=spec.num_classes)
+    total_kept = len(kept)
+    del keys, kept
+    if rewrite:
+        rewritten = (
+            sc.parallelize(rewrite, len(rewrite)).map(lambda i: finalize_part(i, out)).collect()
+        )
+        if sum(rewritten) != total_kept - sum(part_rows[i] for i in done if i not in rewrite):
+            raise RuntimeError("text filter: rewritten parts disagree with the kept keys")
     global_s = time.perf_counter() - t_global
     stats = {
         "dataset": spec.name,
@@ -583,17 +813,17 @@ def run_text_filter(
         "bad_files": bad,
         "rows_scanned": int(counts.get("rows_scanned", 0)),
         "rows_matched_before_global_filters": int(counts.get("rows_matched", 0)),
-        "rows_matched": int(sum(kept_rows)),
+        "rows_matched": int(total_kept),
         "dropped": {
             k[len("dropped_") :]: int(v)
             for k, v in sorted(counts.items())
             if k.startswith("dropped_")
         },
         "per_class": {
-            spec.classes[c]: int(final_per_class.get(c, 0)) for c in range(spec.num_classes)
+            spec.classes[c]: int(final_per_class[c]) for c in range(spec.num_classes)
         },
         "empty_classes": [
-            spec.classes[c] for c in range(spec.num_classes) if not final_per_class.get(c)
+            spec.classes[c] for c in range(spec.num_classes) if not final_per_class[c]
         ],
         "timings": {
             "scan_wall_s": round(scan_s, 3),
@@ -602,6 +832,11 @@ def run_text_filter(
             "task_read_s": round(timings.get("read_s", 0.0), 3),
             "task_match_s": round(timings.get("match_s", 0.0), 3),
             "task_write_s": round(timings.get("write_s", 0.0), 3),
+            # Summed over tasks, and the slowest one (the scan's wall time cannot beat it).
+            "task_total_s": round(timings.get("total_s", 0.0), 3),
+            "task_max_s": round(
+                max((r.get("timings", {}).get("total_s", 0.0) for r in results), default=0.0), 3
+            ),
         },
     }
     io.write_json(io.join(out, CONFIG), {"dataset": dataset, "metadata": metadata, **to_dict(cfg)})

@@ -408,9 +408,10 @@ CASES: list[HostileCase] = [
         accepted("controls are separators, matched", lambda d: d["class_name"] == "rose")),
     HostileCase("url_null_with_matching_caption", "filter-core",
         _batch(pa.array(["a rose"]), url=pa.array([None], pa.string())),
-        counted("null_or_empty_url"),
-        xfail="text_filter.filter_batch keeps a matched row whose url is null (and counts it "
-        "in rows_matched/per_class); it should be dropped and counted as null_or_empty_url"),
+        counted("null_or_empty_url")),
+    HostileCase("url_empty_with_matching_caption", "filter-core",
+        _batch(pa.array(["a rose"]), url=pa.array([""], pa.string())),
+        counted("null_or_empty_url")),
     # --- dataset YAMLs: ConfigError naming the file.
     HostileCase("yaml_duplicate_class_names", "dataset-yaml", _yaml("classes: [rose, cat, rose]\n"),
         error(ConfigError, r"duplicate class name 'rose' at labels 0 and 2")),

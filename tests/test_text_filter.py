@@ -368,3 +368,115 @@ def test_rerun_after_failure_with_other_settings_rescans(tmp_path, dataset_yaml)
     )
     stats = run_text_filter(TextFilterConfig(), dataset_yaml, meta, out)
     assert stats["rows_matched"] == 5 and stats["dropped"]["ambiguous"] == 1
+
+
+def _reference_keep(rows, cfg):
+    """The global filters written plainly: rows are (uid, url, label, part)."""
+    from collections import defaultdict
+
+    from pipeline.text_filter import cap_hash
+
+    best = {}
+    for uid, url, label, part in rows:
+        if (uid, label) not in best or part < best[uid, label][1]:
+            best[uid, label] = (url, part)
+    items = [(uid, label, part, url) for (uid, label), (url, part) in best.items()]
+    counts = {"dropped_duplicate_row": len(rows) - len(items)}
+    if cfg.dedup_urls and items:
+        smallest = {}
+        for uid, _, _, url in items:
+            if url is not None:
+                smallest[url] = min(smallest.get(url, uid), uid)
+        kept = [it for it in items if it[3] is not None and smallest[it[3]] == it[0]]
+        counts["dropped_duplicate_url"] = len(items) - len(kept)
+        items = kept
+    if cfg.max_per_class and items:
+        uids = sorted({it[0] for it in items})
+        h = dict(zip(uids, cap_hash(uids, cfg.seed).tolist()))
+        by_class = defaultdict(list)
+        for it in items:
+            by_class[it[1]].append(it)
+        kept = [
+            it
+            for group in by_class.values()
+            for it in sorted(group, key=lambda it: (h[it[0]], it[0]))[: cfg.max_per_class]
+        ]
+        counts["dropped_over_class_cap"] = len(items) - len(kept)
+        items = kept
+    return sorted((uid, label, part) for uid, label, part, _ in items), counts
+
+
+def test_global_filters_against_brute_force():
+    """global_keep (numpy over uid and URL digests) equals the rules written plainly, on
+    random keys with rows repeated across parts, shared and missing URLs, and caps."""
+    import random
+
+    from pipeline.text_filter import global_keep
+
+    rng = random.Random(7)
+    for _ in range(80):
+        uids = [f"{rng.getrandbits(128):032x}" for _ in range(rng.randint(1, 40))]
+        urls = [f"http://a.test/{i}.jpg" for i in range(rng.randint(1, 15))] + [None]
+        url_of = {u: rng.choice(urls) for u in uids}
+        picks = [rng.choice(uids) for _ in range(rng.randint(0, 120))]
+        rows = [(u, url_of[u], rng.randint(0, 3), rng.randint(0, 2)) for u in picks]
+        cfg = TextFilterConfig(
+            dedup_urls=rng.random() < 0.7,
+            max_per_class=rng.choice([0, 1, 3]),
+            seed=rng.randint(0, 9),
+        )
+        keys = pa.table(
+            {
+                "uid": pa.array([r[0] for r in rows], pa.string()),
+                "url": pa.array([r[1] for r in rows], pa.string()),
+                "label": pa.array([r[2] for r in rows], pa.int32()),
+                "part": pa.array([r[3] for r in rows], pa.int64()),
+            }
+        )
+        kept, counts = global_keep(keys, cfg)
+        got = sorted(zip(*(kept.column(c).to_pylist() for c in ("uid", "label", "part"))))
+        want, want_counts = _reference_keep(rows, cfg)
+        assert got == want
+        assert {k: v for k, v in counts.items() if v} == {k: v for k, v in want_counts.items() if v}
+
+
+def test_uids_equal_the_io_definition():
+    from pipeline.text_filter import make_uids
+
+    urls = ["http://a.test/1.jpg", None, "http://é.test/2.jpg", "", "u\x1f"]
+    caps = ["a cat", "x", None, "日本", ""]
+    got = make_uids(pa.array(urls, pa.string()), pa.array(caps, pa.string())).to_pylist()
+    assert got == [io.make_uid(u, c) for u, c in zip(urls, caps)]
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "hashlib"])
+def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypatch):
+    """The compiled BLAKE2b-128 (uids and URL keys) gives hashlib's bytes: empty rows, every
+    length around the 128-byte block, random binary (not UTF-8), nulls, slices, large types;
+    and so does the hashlib fallback used where numba is missing."""
+    import hashlib
+    import sys
+
+    import numpy as np
+
+    from pipeline.text_filter import blake2b_128
+
+    if not kernel:
+        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+    rng = np.random.default_rng(3)
+    lengths = [0, 1, 7, 8, 9, 63, 64, 127, 128, 129, 255, 256, 257, 383, 384, 385, 1000]
+    rows = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+    rows += [
+        rng.integers(0, 256, rng.integers(0, 700), dtype=np.uint8).tobytes() for _ in range(300)
+    ]
+    want = [hashlib.blake2b(r, digest_size=16).digest() for r in rows]
+    arr = pa.array(rows, pa.binary())
+    assert [bytes(d) for d in blake2b_128(arr)] == want
+    assert [bytes(d) for d in blake2b_128(arr.slice(5, 50))] == want[5:55]
+    assert [bytes(d) for d in blake2b_128(arr.cast(pa.large_binary()))] == want
+    assert [bytes(d) for d in blake2b_128(pa.chunked_array([arr[:3], arr[3:9]]))] == want[:9]
+    nulls = blake2b_128(pa.array(["ab", None, ""], pa.string()))
+    assert [bytes(d) for d in nulls] == [
+        hashlib.blake2b(b, digest_size=16).digest() for b in (b"ab", b"", b"")
+    ]
+    assert blake2b_128(pa.array([], pa.binary())).shape == (0, 16)

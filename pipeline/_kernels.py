@@ -1,0 +1,287 @@
+"""Compiled (numba) kernels of the text filter's hot loops: the ``tokens`` matching engine
+(see :mod:`pipeline._token_ac`) and BLAKE2b-128 over the rows of an Arrow binary array.
+
+Imported only where they run: importing numba costs about 0.3 s. Compiled code is cached on
+disk by numba (``__pycache__`` here, or numba's user cache dir where that is read-only), so a
+process loads it in a fraction of a second after the first compile of a few seconds.
+
+Every index in the hot loops is unsigned: numba wraps signed indices for negative values,
+which doubled the cost of the byte loops.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+U = np.uint64
+_jit = nb.njit(cache=True, nogil=True, boundscheck=False)
+
+
+@_jit
+def entity_length(values, i, end, ent_buf, ent_off):
+    # Length of the separator entity starting at values[i] ("&"), or 0 for none.
+    for e in range(len(ent_off) - 1):
+        a = U(ent_off[e])
+        n = U(ent_off[e + 1]) - a
+        if i + n <= end:
+            same = True
+            for k in range(U(1), n):
+                if values[i + k] != ent_buf[a + k]:
+                    same = False
+                    break
+            if same:
+                return n
+    return U(0)
+
+
+@_jit
+def tokenize(values, s, end, lut, ent_buf, ent_off, ent_start, ts, te, th):
+    # Token boundaries and hashes of values[s:end] into ts/te/th; the token count, or -1
+    # when the row needs the Unicode path. Boundaries are written without branches (a branch
+    # per token boundary mispredicts); an entity is jumped over (a skip counter tested on every
+    # byte cost a third more).
+    ns = U(0)
+    ne = U(0)
+    prev = U(0)
+    h = U(0)
+    i = s
+    while i < end:
+        at = i  # this byte; i moves past an entity
+        m = lut[values[i]]
+        if m == 0:
+            if values[i] >= 128:
+                return -1
+            m = np.uint8(32)  # "&": a separator, a separator entity (jumped), or Unicode path
+            if i + U(1) < end and ent_start[values[i + U(1)]]:
+                n = entity_length(values, i, end, ent_buf, ent_off)
+                if n == 0:
+                    return -1
+                i += n - U(1)
+        tok = U(m != 32)
+        ts[ns] = at
+        ns += tok & (U(1) - prev)
+        te[ne] = at
+        th[ne] = h
+        ne += prev & (U(1) - tok)
+        h = (((h << U(8)) | (h >> U(56))) ^ U(m)) & (U(0) - tok)
+        prev = tok
+        i += U(1)
+    te[ne] = end
+    th[ne] = h
+    ne += prev
+    return np.int64(ne)
+
+
+@_jit
+def scan(
+    values,
+    offsets,
+    lut,
+    ent_buf,
+    ent_off,
+    ent_start,
+    tok_hash,
+    tok_id,
+    tok_bytes,
+    tok_off,
+    root_next,
+    goto_key,
+    goto_next,
+    fail,
+    out_off,
+    out_pattern,
+    pattern_tokens,
+    tshift,
+    gshift,
+    special,
+    hit_row,
+    hit_start,
+    hit_end,
+    hit_pattern,
+):
+    n = len(offsets) - 1
+    longest = 0
+    for r in range(n):
+        longest = max(longest, offsets[r + 1] - offsets[r])
+    # A row of L bytes holds at most L // 2 + 1 tokens; one more slot for the last write.
+    ts = np.empty(longest // 2 + 2, np.uint64)
+    te = np.empty(longest // 2 + 2, np.uint64)
+    th = np.empty(longest // 2 + 2, np.uint64)
+    tmask = U(len(tok_id) - 1)
+    gmask = U(len(goto_key) - 1)
+    cap = len(hit_row)
+    nh = 0
+    for r in range(n):
+        nt = tokenize(
+            values, U(offsets[r]), U(offsets[r + 1]), lut, ent_buf, ent_off, ent_start, ts, te, th
+        )
+        if nt < 0:
+            special[r] = True
+            continue
+        state = 0
+        for k in range(U(nt)):
+            h = th[k] * U(0x9E3779B97F4A7C15)
+            slot = h >> tshift
+            tid = -1
+            while tok_id[slot] >= 0:
+                if tok_hash[slot] == h:
+                    t = tok_id[slot]
+                    a = U(tok_off[t])
+                    b = U(tok_off[t + 1])
+                    s0 = ts[k]
+                    if b - a == te[k] - s0:
+                        same = True
+                        for j in range(b - a):
+                            if lut[values[s0 + j]] != tok_bytes[a + j]:
+                                same = False
+                                break
+                        if same:
+                            tid = t
+                            break
+                slot = (slot + U(1)) & tmask
+            if tid < 0:
+                state = 0
+                continue
+            while True:
+                if state == 0:
+                    state = root_next[tid]
+                    break
+                key = (np.int64(state) << 32) | tid
+                g = (U(key) * U(0x9E3779B97F4A7C15)) >> gshift
+                nxt = -1
+                while goto_key[g] != -1:
+                    if goto_key[g] == key:
+                        nxt = goto_next[g]
+                        break
+                    g = (g + U(1)) & gmask
+                if nxt >= 0:
+                    state = nxt
+                    break
+                state = fail[state]
+            for o in range(out_off[state], out_off[state + 1]):
+                p = out_pattern[o]
+                if nh < cap:
+                    hit_row[nh] = r
+                    hit_start[nh] = ts[k + U(1) - U(pattern_tokens[p])]
+                    hit_end[nh] = te[k]
+                    hit_pattern[nh] = p
+                nh += 1
+    return nh
+
+
+# ---------------------------------------------------------------------- BLAKE2b-128
+# RFC 7693, unkeyed, 16-byte digest: the same bytes as hashlib.blake2b(data, digest_size=16),
+# about 3x faster than calling hashlib once per row (tests compare the two on every block
+# boundary). Used for row uids and URL keys, which every stage must agree on.
+
+BLAKE2B_IV = np.array(
+    [
+        0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
+        0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179,
+    ],
+    dtype=np.uint64,
+)  # fmt: skip
+_inline = nb.njit(cache=True, inline="always")
+
+
+@_inline
+def _mix(a, b, c, d, x, y):
+    # The G function: rotations by 32, 24, 16 and 63.
+    a = a + b + x
+    d = d ^ a
+    d = (d >> U(32)) | (d << U(32))
+    c = c + d
+    b = b ^ c
+    b = (b >> U(24)) | (b << U(40))
+    a = a + b + y
+    d = d ^ a
+    d = (d >> U(16)) | (d << U(48))
+    c = c + d
+    b = b ^ c
+    b = (b >> U(63)) | (b << U(1))
+    return a, b, c, d
+
+
+@_inline
+def _round(v, m, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15):
+    # One round; s0..s15 is the round's message permutation (literal, so the state stays in
+    # registers after inlining: a loop over a permutation table ran 2.3x slower).
+    v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15 = v
+    v0, v4, v8, v12 = _mix(v0, v4, v8, v12, m[s0], m[s1])
+    v1, v5, v9, v13 = _mix(v1, v5, v9, v13, m[s2], m[s3])
+    v2, v6, v10, v14 = _mix(v2, v6, v10, v14, m[s4], m[s5])
+    v3, v7, v11, v15 = _mix(v3, v7, v11, v15, m[s6], m[s7])
+    v0, v5, v10, v15 = _mix(v0, v5, v10, v15, m[s8], m[s9])
+    v1, v6, v11, v12 = _mix(v1, v6, v11, v12, m[s10], m[s11])
+    v2, v7, v8, v13 = _mix(v2, v7, v8, v13, m[s12], m[s13])
+    v3, v4, v9, v14 = _mix(v3, v4, v9, v14, m[s14], m[s15])
+    return (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+
+
+@_jit
+def _compress(h, m, t, last, iv):
+    # t: bytes hashed so far (messages here are far below 2**64 bytes: the high word is 0).
+    v = (
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7],
+        iv[0], iv[1], iv[2], iv[3], iv[4] ^ t, iv[5], ~iv[6] if last else iv[6], iv[7],
+    )  # fmt: skip
+    v = _round(v, m, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    v = _round(v, m, 14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3)
+    v = _round(v, m, 11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4)
+    v = _round(v, m, 7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8)
+    v = _round(v, m, 9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13)
+    v = _round(v, m, 2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9)
+    v = _round(v, m, 12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11)
+    v = _round(v, m, 13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10)
+    v = _round(v, m, 6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5)
+    v = _round(v, m, 10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0)
+    v = _round(v, m, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    v = _round(v, m, 14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3)
+    for i in range(8):
+        h[i] ^= v[i] ^ v[i + 8]
+
+
+@_jit
+def blake2b_128(values, offsets, iv, out):
+    # out[r] = BLAKE2b-128 of values[offsets[r]:offsets[r + 1]] (out: uint8 [rows, 16]).
+    h = np.empty(8, np.uint64)
+    m = np.empty(16, np.uint64)
+    for r in range(len(offsets) - 1):
+        s = U(offsets[r])
+        n = U(offsets[r + 1]) - s
+        for i in range(8):
+            h[i] = iv[i]
+        h[0] ^= U(0x01010010)  # parameter block: digest length 16, no key, fanout 1, depth 1
+        done = U(0)
+        while True:  # 128-byte blocks, the last zero-padded (one empty block for no bytes)
+            take = min(U(128), n - done)
+            base = s + done
+            full = take >> U(3)  # whole little-endian words, then the tail, then zeros
+            for w in range(full):
+                b = base + U(8) * w
+                m[w] = (
+                    U(values[b])
+                    | (U(values[b + U(1)]) << U(8))
+                    | (U(values[b + U(2)]) << U(16))
+                    | (U(values[b + U(3)]) << U(24))
+                    | (U(values[b + U(4)]) << U(32))
+                    | (U(values[b + U(5)]) << U(40))
+                    | (U(values[b + U(6)]) << U(48))
+                    | (U(values[b + U(7)]) << U(56))
+                )
+            if full < U(16):
+                word = U(0)
+                for k in range(take & U(7)):
+                    word |= U(values[base + U(8) * full + k]) << (U(8) * k)
+                m[full] = word
+                for w in range(full + U(1), U(16)):
+                    m[w] = U(0)
+            done += take
+            last = done >= n
+            _compress(h, m, done, last, iv)
+            if last:
+                break
+        for k in range(8):
+            out[r, k] = (h[0] >> U(8 * k)) & U(0xFF)
+            out[r, 8 + k] = (h[1] >> U(8 * k)) & U(0xFF)
