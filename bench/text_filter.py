@@ -6,9 +6,10 @@
 Rows: a bare pyarrow read of the caption column (the floor); the matcher alone on one core,
 with each installed engine (its one-off start, numba's kernel load or compile included, is
 noted apart); `primer filter` end to end on local[2] (session already started, time from the
-call to _SUCCESS; the median of three runs, since this shared 2-core machine's speed drifts);
-Spark's `rlike` with one big case-insensitive alternation and a naive per-class Python regex
-loop, each on a slice. Ratios are against the matcher (default engine).
+call to _SUCCESS) and Spark's `rlike` with one big case-insensitive alternation on a slice,
+run in turns three times (medians; this shared 2-core machine's speed drifts over minutes,
+so the end-to-end/rlike ratio is taken run by run); a naive per-class Python regex loop on a
+slice. Ratios in the table are against the matcher (default engine).
 Captions: pipeline.synthetic (LAION-like, mean ~67 characters, 5% planted class names).
 """
 
@@ -125,27 +126,38 @@ def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
             os.path.join(warm, f"w{i}.parquet"),
         )
     run_text_filter(TextFilterConfig(), "ImageNet", warm, os.path.join(tmp, "warm-out"))
-    runs = []
+    slice_n = min(n, 100_000 if not quick else 20_000)
+    pattern = r"(?i)\b(" + "|".join(re.escape(c) for c in classes) + r")\b"
+    df = spark.createDataFrame(pa.table({"caption": caps[:slice_n]}).to_pandas())
+    df.cache().count()
+    df.filter(df.caption.rlike(pattern)).limit(100).count()  # JVM warm-up: regex, codegen
+    # The two Spark rows run in turns (end to end, then rlike, three times): this shared
+    # machine's speed drifts over minutes, and their ratio is what the issue asks for.
+    runs, rlike_s = [], []
     for k in range(1 if quick else 3):
         out = os.path.join(tmp, f"out{k}")
         t0 = time.perf_counter()
         stats = run_text_filter(TextFilterConfig(), "ImageNet", meta, out)
         runs.append((time.perf_counter() - t0, stats))
         shutil.rmtree(out)
+        t0 = time.perf_counter()
+        hits = df.filter(df.caption.rlike(pattern)).count()
+        rlike_s.append(time.perf_counter() - t0)
+    ratios = sorted((n / e) / (slice_n / r) for (e, _), r in zip(runs, rlike_s))
     runs.sort(key=lambda r: r[0])
     seconds, stats = runs[len(runs) // 2]
     t = stats["timings"]
     spread = f"; runs {runs[0][0]:.2f}-{runs[-1][0]:.2f} s" if len(runs) > 1 else ""
     note = f"{stats['rows_matched']:,} kept; scan {t['scan_wall_s']:.1f} s, global {t['global_s']:.1f} s{spread}"
     add("primer filter, local[2]", n, seconds, note)
-
-    slice_n = min(n, 100_000 if not quick else 20_000)
-    pattern = r"(?i)\b(" + "|".join(re.escape(c) for c in classes) + r")\b"
-    df = spark.createDataFrame(pa.table({"caption": caps[:slice_n]}).to_pandas())
-    df.cache().count()
-    t0 = time.perf_counter()
-    hits = df.filter(df.caption.rlike(pattern)).count()
-    add("Spark rlike alternation", slice_n, time.perf_counter() - t0, f"slice, {hits:,} hits")
+    rlike_s.sort()
+    spread = f"; runs {rlike_s[0]:.1f}-{rlike_s[-1]:.1f} s" if len(rlike_s) > 1 else ""
+    add(
+        "Spark rlike alternation",
+        slice_n,
+        rlike_s[len(rlike_s) // 2],
+        f"slice, {hits:,} hits{spread}",
+    )
 
     loop_n = min(n, 3000)
     regs = [re.compile(r"\b" + re.escape(c.lower()) + r"\b") for c in classes]
@@ -161,10 +173,12 @@ def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
     print(
         table(rows, ["method", "captions", "seconds", "captions/s", "MB/s", "vs matcher", "note"])
     )
-    e2e = next(r for r in rows if r["method"].startswith("primer filter"))
-    rl = next(r for r in rows if r["method"].startswith("Spark rlike"))
+    ratio = ratios[len(ratios) // 2]
+    each = (
+        " (run by run: " + ", ".join(f"{r:.0f}x" for r in ratios) + ")" if len(ratios) > 1 else ""
+    )
     print(
-        f"\nprimer filter vs Spark rlike: {e2e['captions/s'] / rl['captions/s']:.0f}x; matcher vs bare read: {base / rows[0]['captions/s']:.2f}"
+        f"\nprimer filter vs Spark rlike: {ratio:.0f}x{each}; matcher vs bare read: {base / rows[0]['captions/s']:.2f}"
     )
 
 

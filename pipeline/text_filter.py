@@ -370,6 +370,21 @@ def _piece_paths(out: str, index: int) -> tuple[str, str]:
     )
 
 
+# The matcher of the last dataset, per process: a Spark worker runs many scan tasks of one job,
+# and building the terms of 1000 classes costs some 20 ms a task.
+_MATCHER: dict = {}
+
+
+def _matcher(classes: list[str], synonyms: dict, engine: str):
+    from pipeline.matcher import Matcher
+
+    key = (tuple(classes), tuple((k, tuple(v)) for k, v in sorted(synonyms.items())), engine)
+    if key not in _MATCHER:
+        _MATCHER.clear()
+        _MATCHER[key] = Matcher(classes, synonyms, engine=engine)
+    return _MATCHER[key]
+
+
 def scan_file(
     index: int, url: str, out: str, cfg: TextFilterConfig, classes: list[str], synonyms: dict
 ) -> dict:
@@ -381,15 +396,13 @@ def scan_file(
     part, stats_url = _piece_paths(out, index)
     if io.exists(stats_url):
         return io.read_json(stats_url)
-    from pipeline.matcher import Matcher
-
     t0 = time.perf_counter()
     stats: Counter = Counter()
     timings = {"read_s": 0.0, "match_s": 0.0, "write_s": 0.0}
     # Only reading is guarded: a file that cannot be read is bad input (named, or skipped and
     # listed); an error in the matching code is a bug and always fails the job.
     tables = []
-    matcher = Matcher(classes, synonyms, engine=cfg.engine)
+    matcher = _matcher(classes, synonyms, cfg.engine)
     try:
         fs, path = io.url_to_fs(url)
         with fs.open(path, "rb") as fh:
@@ -423,13 +436,11 @@ def scan_file(
     # Repeats of a (uid, label) (the same row twice in a file) dropped, the first kept; rows
     # stay in file order. numpy over the keys' integer words, no string sort.
     keys = match_keys(table)
-    order = _sort_keys(keys["uid_hi"], keys["uid_lo"], keys["label"], np.arange(len(keys)))
-    k = keys[order]
-    repeat = (
-        (k["uid_hi"][1:] == k["uid_hi"][:-1])
-        & (k["uid_lo"][1:] == k["uid_lo"][:-1])
-        & (k["label"][1:] == k["label"][:-1])
-    )
+    # Contiguous columns: the packed records' fields are unaligned, slow to index.
+    hi, lo, lab = (np.ascontiguousarray(keys[f]) for f in ("uid_hi", "uid_lo", "label"))
+    order = _sort_keys(hi, lo, lab, np.arange(len(keys)))
+    hi, lo, lab = hi[order], lo[order], lab[order]
+    repeat = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]) & (lab[1:] == lab[:-1])
     if repeat.any():
         keep = np.ones(len(keys), dtype=bool)
         keep[order[1:][repeat]] = False
