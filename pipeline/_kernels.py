@@ -36,28 +36,82 @@ def entity_length(values, i, end, ent_buf, ent_off):
 
 
 @_jit
-def tokenize(values, s, end, lut, ent_buf, ent_off, ent_start, ts, te, th):
+def utf8_char(values, i, end):
+    # (code point, byte length) of the UTF-8 character at values[i] (a byte >= 0x80), or
+    # length 0 for an ill-formed sequence (the Unicode Standard's table 3-7: no overlongs, no
+    # surrogates, nothing above U+10FFFF).
+    b0 = U(values[i])
+    if b0 < U(0xC2) or b0 > U(0xF4):
+        return U(0), U(0)
+    n = U(2) if b0 < U(0xE0) else (U(3) if b0 < U(0xF0) else U(4))
+    if i + n > end:
+        return U(0), U(0)
+    b1 = U(values[i + U(1)])
+    lo = U(0x80)
+    hi = U(0xBF)
+    if b0 == U(0xE0):
+        lo = U(0xA0)
+    elif b0 == U(0xED):
+        hi = U(0x9F)
+    elif b0 == U(0xF0):
+        lo = U(0x90)
+    elif b0 == U(0xF4):
+        hi = U(0x8F)
+    if b1 < lo or b1 > hi:
+        return U(0), U(0)
+    cp = b0 & (U(0x1F) if n == U(2) else (U(0x0F) if n == U(3) else U(0x07)))
+    cp = (cp << U(6)) | (b1 & U(0x3F))
+    for k in range(U(2), n):
+        b = U(values[i + k])
+        if b < U(0x80) or b > U(0xBF):
+            return U(0), U(0)
+        cp = (cp << U(6)) | (b & U(0x3F))
+    return cp, n
+
+
+@_jit
+def tokenize(values, s, end, lut, ent_buf, ent_off, ent_start, cp_class, unicode, ts, te, th):
     # Token boundaries and hashes of values[s:end] into ts/te/th; the token count, or -1
     # when the row needs the Unicode path. Boundaries are written without branches (a branch
-    # per token boundary mispredicts); an entity is jumped over (a skip counter tested on every
-    # byte cost a third more).
+    # per token boundary mispredicts); an entity or a separator character is jumped over (a
+    # skip counter tested on every byte cost a third more). Non-ASCII characters follow
+    # cp_class (pipeline._token_ac.CP_*): separators, letters kept as they are, or the row
+    # goes to the Unicode path. Compiled twice (``unicode`` a literal): without the non-ASCII
+    # branch, which slows the byte loop by a fifth, the loop returns -2 at the first byte
+    # >= 0x80 and the caller runs the row again with it.
+    nb.literally(unicode)
     ns = U(0)
     ne = U(0)
     prev = U(0)
     h = U(0)
     i = s
     while i < end:
-        at = i  # this byte; i moves past an entity
+        at = i  # this byte; i moves past an entity or a multi-byte character
         m = lut[values[i]]
         if m == 0:
             if values[i] >= 128:
-                return -1
-            m = np.uint8(32)  # "&": a separator, a separator entity (jumped), or Unicode path
-            if i + U(1) < end and ent_start[values[i + U(1)]]:
-                n = entity_length(values, i, end, ent_buf, ent_off)
-                if n == 0:
+                if not unicode:
+                    return -2
+                cp, n = utf8_char(values, i, end)
+                if n == U(0):
+                    return -1
+                c = cp_class[cp]
+                if c == 1:  # CP_SEPARATOR
+                    m = np.uint8(32)
+                elif c == 2:  # CP_KEEP: its bytes are token bytes; all but the last hashed here
+                    for k in range(n - U(1)):
+                        h = ((h << U(8)) | (h >> U(56))) ^ U(values[i + k])
+                    m = values[i + n - U(1)]
+                else:
                     return -1
                 i += n - U(1)
+            else:  # "&": a separator, a separator entity (jumped), or the Unicode path
+                m = np.uint8(32)
+                if i + U(1) < end and ent_start[values[i + U(1)]]:
+                    n = entity_length(values, i, end, ent_buf, ent_off)
+                    if n == 0:
+                        return -1
+                    i += n - U(1)
         tok = U(m != 32)
         ts[ns] = at
         ns += tok & (U(1) - prev)
@@ -81,6 +135,7 @@ def scan(
     ent_buf,
     ent_off,
     ent_start,
+    cp_class,
     tok_hash,
     tok_id,
     tok_bytes,
@@ -114,8 +169,34 @@ def scan(
     nh = 0
     for r in range(n):
         nt = tokenize(
-            values, U(offsets[r]), U(offsets[r + 1]), lut, ent_buf, ent_off, ent_start, ts, te, th
+            values,
+            U(offsets[r]),
+            U(offsets[r + 1]),
+            lut,
+            ent_buf,
+            ent_off,
+            ent_start,
+            cp_class,
+            False,
+            ts,
+            te,
+            th,
         )
+        if nt == -2:
+            nt = tokenize(
+                values,
+                U(offsets[r]),
+                U(offsets[r + 1]),
+                lut,
+                ent_buf,
+                ent_off,
+                ent_start,
+                cp_class,
+                True,
+                ts,
+                te,
+                th,
+            )
         if nt < 0:
             special[r] = True
             continue
@@ -133,7 +214,8 @@ def scan(
                     if b - a == te[k] - s0:
                         same = True
                         for j in range(b - a):
-                            if lut[values[s0 + j]] != tok_bytes[a + j]:
+                            c = lut[values[s0 + j]]
+                            if (c if c != 0 else values[s0 + j]) != tok_bytes[a + j]:
                                 same = False
                                 break
                         if same:

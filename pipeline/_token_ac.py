@@ -10,9 +10,14 @@ of the tokens that occur in some term, and steps an Aho-Corasick automaton whose
 those token ids. Unknown tokens reset the automaton, so a caption costs one table probe per
 token and its hits come back in preallocated arrays.
 
-A row holding a byte >= 0x80 or any other entity is abandoned at once and flagged; the caller
-normalises those rows with the Unicode path of :mod:`pipeline.matcher` and runs the same kernel
-over the result with :data:`LUT_NORMALISED`, where bytes >= 0x80 are token bytes.
+Non-ASCII characters are looked up in a per-code-point table (:func:`codepoint_table`): a
+character that is a separator, or a letter or digit that NFKC and lower-casing leave as it is
+(``é``, ``ß``, ``日``), is handled in the loop; any other (upper case, compatibility forms,
+combining marks, invisible characters, code points not seen yet) abandons the row, as does any
+entity but the common separator ones. The caller normalises those rows with the Unicode path
+of :mod:`pipeline.matcher`, teaches the table the code points they hold (:func:`learn`), and
+runs the same kernel over the result with :data:`LUT_NORMALISED`, where bytes >= 0x80 are
+token bytes.
 
 Hits are ``(row, start, end, pattern)`` with byte offsets into the scanned buffer: the first
 byte of the pattern's first token and one past its last token. Offsets are only compared
@@ -45,6 +50,15 @@ LUT_NORMALISED = LUT_RAW.copy()
 LUT_NORMALISED[128:] = np.arange(128, 256, dtype=np.uint8)
 LUT_NORMALISED[ord("&")] = _SPACE
 
+# Code point classes (the kernel tests the values 1 and 2).
+CP_UNKNOWN, CP_SEPARATOR, CP_KEEP, CP_COMPLEX = 0, 1, 2, 3
+_CP_TABLE: np.ndarray | None = None
+_COMPOSES_AFTER: frozenset[int] | None = None
+# Deleted, not separators (pipeline.matcher._INVISIBLE): only the Unicode path handles them.
+_INVISIBLE = frozenset(
+    [0xAD, 0x180E, 0xFEFF, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065)]
+)
+
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 
@@ -73,6 +87,73 @@ class Automaton:
     out_off: np.ndarray  # int64 [states + 1]: patterns ending at each state (suffixes too)
     out_pattern: np.ndarray  # int32
     pattern_tokens: np.ndarray  # int64 [patterns]
+
+
+def codepoint_table() -> np.ndarray:
+    """The process's code point classes, ``uint8 [0x110000]``, all :data:`CP_UNKNOWN` until
+    :func:`learn` classifies them (the kernel sends rows with unknown ones to Python)."""
+    global _CP_TABLE
+    if _CP_TABLE is None:
+        _CP_TABLE = np.zeros(0x110000, dtype=np.uint8)
+    return _CP_TABLE
+
+
+def learn(text: str) -> None:
+    """Classify the not yet known code points >= 0x80 of ``text`` (a batch's Unicode rows)."""
+    table = codepoint_table()
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    cps = cps[cps >= 0x80]
+    new = np.unique(cps[table[cps] == CP_UNKNOWN])
+    for cp in new.tolist():
+        table[cp] = classify(cp)
+
+
+def classify(cp: int) -> int:
+    """The class of one code point: a character that NFKC never changes in any context and
+    that lower-casing keeps is :data:`CP_KEEP` when it is a letter or digit (its bytes are
+    token bytes as they stand) and :data:`CP_SEPARATOR` otherwise; so is any character whose
+    NFKC form has no letter or digit. Everything else is :data:`CP_COMPLEX`."""
+    import unicodedata
+
+    c = chr(cp)
+    if (
+        cp in _INVISIBLE
+        or 0xD800 <= cp <= 0xDFFF
+        or unicodedata.combining(c)
+        or cp in _composes_after()
+    ):
+        return CP_COMPLEX
+    n = unicodedata.normalize("NFKC", c)
+    if n == c:
+        if unicodedata.category(c)[0] not in "LN":
+            return CP_SEPARATOR
+        return CP_KEEP if c.lower() == c else CP_COMPLEX
+    if all(
+        unicodedata.category(x)[0] not in "LN"
+        and not unicodedata.combining(x)
+        and ord(x) not in _INVISIBLE
+        for x in n
+    ):
+        return CP_SEPARATOR  # e.g. "…" -> "...": separators either way
+    return CP_COMPLEX
+
+
+def _composes_after() -> frozenset[int]:
+    """Code points that canonical composition can merge into the character before them
+    (NFC_QC=Maybe): second halves of canonical pairs, and Hangul medial and final jamo."""
+    global _COMPOSES_AFTER
+    if _COMPOSES_AFTER is None:
+        import unicodedata
+
+        seconds = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+        for cp in range(0x80, 0x30000):  # no canonical decomposition lies above U+2FA1D
+            d = unicodedata.decomposition(chr(cp))
+            if d and not d.startswith("<"):
+                parts = d.split()
+                if len(parts) == 2:
+                    seconds.add(int(parts[1], 16))
+        _COMPOSES_AFTER = frozenset(seconds)
+    return _COMPOSES_AFTER
 
 
 def _table_size(n: int, load: int) -> int:
@@ -200,6 +281,7 @@ def scan(
             offsets,
             lut,
             *entities,
+            codepoint_table(),
             a.tok_hash,
             a.tok_id,
             a.tok_bytes,

@@ -353,7 +353,7 @@ class Matcher:
             # Rows the kernel left (non-ASCII bytes, other entities): the batch Unicode path,
             # then the kernel over its output; the few that need the exact path, likewise.
             sub = arr.take(pa.array(sp))
-            text, exact = _normalize_special(sub)
+            text, exact = _normalize_special(sub, learn=tac.learn)
             v = np.frombuffer(text, dtype=np.uint8)
             # Rows are NUL-separated; a row's span starts at the NUL before it (a separator).
             off = np.r_[0, np.flatnonzero(v == 0), len(v)].astype(np.int64)
@@ -571,7 +571,7 @@ def _collapse(buf: np.ndarray) -> np.ndarray:
     return np.frombuffer(out.buffers()[1], dtype=np.uint8, count=len(out), offset=out.offset)
 
 
-def _normalize_special(arr: pa.Array) -> tuple[bytearray, np.ndarray]:
+def _normalize_special(arr: pa.Array, learn=None) -> tuple[bytearray, np.ndarray]:
     """Rows with non-ASCII bytes or entities: HTML entities, NFKC, lower case and Unicode
     separators, done over the whole set at once instead of per row.
 
@@ -587,6 +587,8 @@ def _normalize_special(arr: pa.Array) -> tuple[bytearray, np.ndarray]:
     lists = pa.ListArray.from_arrays(pa.array([0, len(data)], pa.int32()), data)
     raw = pc.binary_join(lists, pa.scalar(b"\x00", pa.binary()))[0].as_py()
     text = raw.decode("utf-8", "replace")
+    if learn is not None:  # the tokens engine's code point table learns these rows' characters
+        learn(text)
     if "&" in text:
         # "&amp;" -> " " instead of "&": both separate tokens, and html.unescape's callback
         # per entity costs a microsecond.

@@ -830,9 +830,7 @@ def run_text_filter(
             for k, v in sorted(counts.items())
             if k.startswith("dropped_")
         },
-        "per_class": {
-            spec.classes[c]: int(final_per_class[c]) for c in range(spec.num_classes)
-        },
+        "per_class": {spec.classes[c]: int(final_per_class[c]) for c in range(spec.num_classes)},
         "empty_classes": [
             spec.classes[c] for c in range(spec.num_classes) if not final_per_class[c]
         ],

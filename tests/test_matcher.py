@@ -299,3 +299,36 @@ def test_every_engine_agrees_on_fuzzed_captions():
         assert r.label.tolist() == ref.label.tolist(), e
         assert r.term.tolist() == ref.term.tolist(), e
         assert r.labels_all == ref.labels_all, e
+
+
+def test_non_ascii_characters_in_the_kernel_match_the_unicode_path():
+    """Every code point below U+3000 and samples above (CJK, Hangul and its jamo, emoji,
+    compatibility forms, surrogate-free planes): the tokens engine, once its code point table
+    has learned them (the second pass takes the compiled path), gives the byte engine's answer
+    (which always goes through NFKC in Python)."""
+    from pipeline import _token_ac
+
+    cps = [*range(0x80, 0x3000), *range(0x3000, 0x3100), *range(0x4E00, 0x4E40),
+           *range(0xAC00, 0xAC20), *range(0xF900, 0xF920), *range(0xFB00, 0xFB10),
+           *range(0xFF00, 0xFF60), *range(0x1F300, 0x1F320), 0x1F600, 0x10FFFD]  # fmt: skip
+    m = Matcher(["cat", "dog", "café", "straße", "日本"], engine="tokens")
+    ref = Matcher(["cat", "dog", "café", "straße", "日本"], engine="ahocorasick")
+    caps = [
+        f.format(chr(cp))
+        for cp in cps
+        for f in ("cat{}dog", "{}cat", "ca{}t", "caf{}", "stra{}e dog", "日{}本", "x{}")
+    ]
+    arr = pa.array(caps)
+    want = ref.match(arr)
+    for _ in range(2):
+        got = m.match(arr)
+        assert got.label.tolist() == want.label.tolist()
+        assert got.term.tolist() == want.term.tolist()
+    table = _token_ac.codepoint_table()
+    learned = table[cps]
+    assert (learned != _token_ac.CP_UNKNOWN).all()
+    # Most characters stay in the compiled loop: separators and unchanged letters.
+    assert table[0xE9] == table[0x65E5] == table[0xDF] == _token_ac.CP_KEEP  # é 日 ß
+    assert table[0x2019] == table[0x20AC] == table[0x1F600] == _token_ac.CP_SEPARATOR  # ’ € 😀
+    assert table[0xC9] == table[0x301] == table[0xFF23] == _token_ac.CP_COMPLEX  # É, combining, Ｃ
+    assert table[0x1161] == _token_ac.CP_COMPLEX  # Hangul medial jamo: composes after a syllable
