@@ -23,8 +23,7 @@ Hits are ``(row, start, end, pattern)`` with byte offsets into the scanned buffe
 byte of the pattern's first token and one past its last token. Offsets are only compared
 within a row, where they order and nest hits exactly as offsets in the normalised text would.
 
-Every index in the hot loops is unsigned: numba wraps signed indices for negative values,
-which doubled the cost of the byte loop.
+The compiled loops are in :mod:`pipeline._kernels`.
 """
 
 from __future__ import annotations
@@ -54,10 +53,6 @@ LUT_NORMALISED[ord("&")] = _SPACE
 CP_UNKNOWN, CP_SEPARATOR, CP_KEEP, CP_COMPLEX = 0, 1, 2, 3
 _CP_TABLE: np.ndarray | None = None
 _COMPOSES_AFTER: frozenset[int] | None = None
-# Deleted, not separators (pipeline.matcher._INVISIBLE): only the Unicode path handles them.
-_INVISIBLE = frozenset(
-    [0xAD, 0x180E, 0xFEFF, *range(0x200B, 0x2010), *range(0x202A, 0x202F), *range(0x2060, 0x2065)]
-)
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -115,9 +110,12 @@ def classify(cp: int) -> int:
     NFKC form has no letter or digit. Everything else is :data:`CP_COMPLEX`."""
     import unicodedata
 
+    # Invisible characters are deleted, not separators: only the Unicode path handles them.
+    from pipeline.matcher import _INVISIBLE_CPS as invisible
+
     c = chr(cp)
     if (
-        cp in _INVISIBLE
+        cp in invisible
         or 0xD800 <= cp <= 0xDFFF
         or unicodedata.combining(c)
         or cp in _composes_after()
@@ -131,7 +129,7 @@ def classify(cp: int) -> int:
     if all(
         unicodedata.category(x)[0] not in "LN"
         and not unicodedata.combining(x)
-        and ord(x) not in _INVISIBLE
+        and ord(x) not in invisible
         for x in n
     ):
         return CP_SEPARATOR  # e.g. "…" -> "...": separators either way
