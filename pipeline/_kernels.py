@@ -168,34 +168,13 @@ def scan(
     cap = len(hit_row)
     nh = 0
     for r in range(n):
-        nt = tokenize(
-            values,
-            U(offsets[r]),
-            U(offsets[r + 1]),
-            lut,
-            ent_buf,
-            ent_off,
-            ent_start,
-            cp_class,
-            False,
-            ts,
-            te,
-            th,
-        )
+        # Plain ASCII first; at a byte >= 0x80 the row again, with the non-ASCII branch. (The
+        # shared arguments as one tuple cost an eighth of the loop's speed.)
+        s, e = U(offsets[r]), U(offsets[r + 1])
+        nt = tokenize(values, s, e, lut, ent_buf, ent_off, ent_start, cp_class, False, ts, te, th)
         if nt == -2:
             nt = tokenize(
-                values,
-                U(offsets[r]),
-                U(offsets[r + 1]),
-                lut,
-                ent_buf,
-                ent_off,
-                ent_start,
-                cp_class,
-                True,
-                ts,
-                te,
-                th,
+                values, s, e, lut, ent_buf, ent_off, ent_start, cp_class, True, ts, te, th
             )
         if nt < 0:
             special[r] = True
