@@ -15,17 +15,20 @@ Rules (a superset of the reference's SQLite FTS phrase query ``TEXT MATCH '"<nam
 Engines (``auto`` picks the first that imports; all give the same answers, and the tests hold
 them to it):
 
-- ``tokens`` (numba; :mod:`pipeline._token_ac`): one compiled pass over the Arrow string
-  buffer splits captions into tokens with the byte table below, looks each token up in a hash
-  table of the terms' tokens and steps an Aho-Corasick automaton over token ids. No normalised
-  copy, no per-hit Python. Rows with non-ASCII bytes or unusual entities are flagged by the
-  pass and go through the Unicode path below, then through the same kernel.
-- ``hyperscan`` (Intel's SIMD literal matcher) and ``ahocorasick`` (``ahocorasick_rs``,
-  portable Rust): byte engines over a normalised copy of the batch, built as follows.
+- ``tokens`` (numba; :mod:`pipeline._token_ac`, about 4M captions/s on one core): one
+  compiled pass over the Arrow string buffer splits captions into tokens with the byte table
+  below, looks each token up in a hash table of the terms' tokens and steps an Aho-Corasick
+  automaton over token ids. No normalised copy, no per-hit Python. Rows with characters the
+  pass cannot normalise on its own, or unusual entities, are flagged by it and go through the
+  Unicode path below, then through the same kernel.
+- ``hyperscan`` (Intel's SIMD literal matcher, about 2M/s) and ``ahocorasick``
+  (``ahocorasick_rs``, portable Rust, about 1.2M/s): byte engines over a normalised copy of
+  the batch, built as follows.
 
 Normalised copy for the byte engines: a batch is joined by Arrow into one buffer, rows
-separated by space, 0xFF, space (0xFF never occurs in UTF-8), mapped by one byte table (``bytes.translate``: ASCII letters and
-digits lower-cased, every other ASCII byte a space, 0xFF a newline), and runs of spaces are
+separated by space, 0xFF, space (0xFF never occurs in UTF-8), mapped by one byte table
+(``bytes.translate``: ASCII letters and digits lower-cased, every other ASCII byte a space,
+0xFF a newline), and runs of spaces are
 collapsed (a numpy mask, compacted by Arrow's filter kernel); row boundaries are the newlines.
 Plain ASCII rows need nothing else: the common separator entities (``&amp;``, ``&quot;``, ...)
 are blanked in place. The rows with other entities or non-ASCII bytes (11% of the bench's

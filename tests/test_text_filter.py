@@ -480,3 +480,31 @@ def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypat
         hashlib.blake2b(b, digest_size=16).digest() for b in (b"ab", b"", b"")
     ]
     assert blake2b_128(pa.array([], pa.binary())).shape == (0, 16)
+
+
+def test_filter_core_runs_without_numba():
+    """numba missing (a node without it): the matcher falls back to a byte engine and uids to
+    hashlib, with the same rows out."""
+    code = """
+import sys
+sys.modules["numba"] = None  # any import of numba fails
+from collections import Counter
+import pyarrow as pa
+from pipeline import io
+from pipeline.matcher import Matcher
+from pipeline.text_filter import TextFilterConfig, filter_batch, resolve_columns
+classes = ["tabby cat", "rose"]
+batch = pa.record_batch({"URL": ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"],
+                         "TEXT": ["a tabby cat", "no match", "Roses, red"]})
+cfg = TextFilterConfig()
+m = Matcher(classes)
+out = filter_batch(batch, resolve_columns(batch.schema, cfg.columns, "x"), m, cfg, classes, Counter())
+assert m.engine != "tokens", m.engine
+assert out.column("label").to_pylist() == [0, 1]
+assert out.column("uid").to_pylist() == [io.make_uid("http://a.test/1.jpg", "a tabby cat"),
+                                         io.make_uid("http://a.test/3.jpg", "Roses, red")]
+print("ok", m.engine)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok ")
