@@ -743,7 +743,7 @@ def run_text_filter(
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, STATS))
     t0 = time.perf_counter()
-    spec = load_dataset(dataset)
+    spec = load_dataset(dataset, descriptions=False)
     files = io.list_files(metadata, suffixes=(".parquet",))
     # Indices follow the sorted input list, so part names are stable across reruns.
     indexed = list(enumerate(files))

@@ -202,6 +202,20 @@ def test_imagenet_descriptions_are_keyed_by_imagenet_names():
     assert list(spec("ImageNet").descriptions) == list(spec("ImageNet").classes)
 
 
+def test_descriptions_can_be_skipped():
+    """The text filter loads a dataset without its descriptions; the rest is the same."""
+    from pipeline.config import load_dataset
+
+    full, bare = load_dataset("ImageNet"), load_dataset("ImageNet", descriptions=False)
+    assert bare.descriptions is None and full.descriptions
+    assert (bare.classes, bare.templates, bare.synonyms) == (
+        full.classes,
+        full.templates,
+        full.synonyms,
+    )
+    assert bare.class_descriptions(0) == []
+
+
 def test_user_yaml_by_path_loads_like_the_bundled_name(tmp_path):
     src = spec("StanfordCars")
     copy = tmp_path / "mycars.yaml"
