@@ -29,6 +29,7 @@ parquet parts alone; a plain ``stats.json`` there makes it fail.
 from __future__ import annotations
 
 import argparse
+import binascii
 import hashlib
 import importlib
 import logging
@@ -227,13 +228,18 @@ def filter_batch(
     """The pure core: one record batch in, its kept matches out (canonical columns).
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
-    (``null_or_empty_caption``, ``caption_too_long``, ``null_or_empty_url``, ``no_match``,
-    ``ambiguous``, ``too_small``, ``unsafe``, ``low_similarity``) and ``rows_matched``.
+    (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``ambiguous``, then for
+    matches ``null_or_empty_url``, ``too_small``, ``unsafe``, ``low_similarity``) and
+    ``rows_matched``.
     """
     n = batch.num_rows
     stats["rows_scanned"] += n
-    captions = _as_string(batch.column(cols["caption"]))
-    urls = _as_string(batch.column(cols["url"]))
+    # The matcher reads bytes and copes with invalid UTF-8 itself; only the text of kept rows
+    # must be valid, so that is validated (and repaired) once they are known, not every caption.
+    captions = batch.column(cols["caption"])
+    if not (pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type)):
+        captions = _as_string(captions)
+    urls = batch.column(cols["url"])
     # Byte lengths bound character lengths from above: count characters only where needed.
     lengths = pc.binary_length(captions).fill_null(0).to_numpy(zero_copy_only=False)
     empty = lengths == 0
@@ -242,13 +248,9 @@ def filter_batch(
         rows = np.flatnonzero(too_long)
         chars = pc.utf8_length(captions.take(pa.array(rows))).to_numpy(zero_copy_only=False)
         too_long[rows] = chars > cfg.max_caption_chars
-    # A row without a URL cannot be downloaded: dropped before matching (and never reaches the
-    # global URL de-duplication).
-    no_url = pc.binary_length(urls).fill_null(0).to_numpy(zero_copy_only=False) == 0
     stats["dropped_null_or_empty_caption"] += int(empty.sum())
     stats["dropped_caption_too_long"] += int((too_long & ~empty).sum())
-    stats["dropped_null_or_empty_url"] += int((no_url & ~empty & ~too_long).sum())
-    usable = ~empty & ~too_long & ~no_url
+    usable = ~empty & ~too_long
     # Over-long captions are blanked before matching, so one hostile row cannot slow a batch.
     to_match = (
         captions
@@ -272,7 +274,11 @@ def filter_batch(
     if not len(rows):
         return _empty_output(cols)
     idx = pa.array(rows, pa.int64())
-    keep = np.ones(len(rows), dtype=bool)
+    # A match without a URL cannot be downloaded: dropped first (it never reaches the global
+    # URL de-duplication).
+    url_sel = urls.take(idx)
+    keep = pc.binary_length(url_sel).fill_null(0).to_numpy(zero_copy_only=False) > 0
+    stats["dropped_null_or_empty_url"] += int((~keep).sum())
     extra = {}
     for canon, typ in OPTIONAL_TYPES.items():
         if canon in cols:
@@ -305,8 +311,9 @@ def filter_batch(
         k = np.flatnonzero(keep)
         rows, labs, terms = rows[k], labs[k], terms[k]
         extra = {c: v.take(pa.array(k)) for c, v in extra.items()}
-    idx = pa.array(rows)
-    url_sel, cap_sel = urls.take(idx), captions.take(idx)
+        url_sel = url_sel.take(pa.array(k))
+    url_sel = _as_string(url_sel)
+    cap_sel = _as_string(captions.take(pa.array(rows)))
     labels = pa.array(labs.astype(np.int32))
     table = pa.table(
         {
@@ -617,13 +624,13 @@ def _uid_words(uids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
     if not (np.diff(offsets) == 32).all():
         raise ValueError("uids must be 32 hex digits")
-    digits = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    nib = _HEX_VALUE[digits].reshape(n, 32)
-    if (nib > 15).any():
+    digits = arr.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_pybytes()
+    # Lower case only (binascii takes upper case too, whose string order differs).
+    if digits.translate(None, b"0123456789abcdef"):
         raise ValueError("uids must be 32 hex digits")
-    packed = (nib[:, 0::2] << 4) | nib[:, 1::2]  # the 16 bytes of each uid, big-endian
-    words = np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
-    return words[:, 0].copy(), words[:, 1].copy()
+    # The 16 bytes of each uid, big-endian.
+    words = np.frombuffer(binascii.unhexlify(digits), dtype=">u8").reshape(n, 2)
+    return words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
 
 
 def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
@@ -643,9 +650,6 @@ def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
     return order
 
 
-# Hex digit -> value; 255 for anything that is not a lower-case hex digit.
-_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
-_HEX_VALUE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
 _HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint16)
 
 

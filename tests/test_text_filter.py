@@ -508,3 +508,16 @@ print("ok", m.engine)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok ")
+
+
+def test_uid_words_are_the_uids_value_and_refuse_anything_else():
+    from pipeline.text_filter import _uid_words, make_uids
+
+    uids = make_uids(pa.array([f"http://a.test/{i}.jpg" for i in range(50)]), pa.array(["c"] * 50))
+    hi, lo = _uid_words(uids.slice(7, 20))
+    assert [(h << 64) | lw for h, lw in zip(hi.tolist(), lo.tolist())] == [
+        int(u, 16) for u in uids.to_pylist()[7:27]
+    ]
+    for bad in (["A" * 32], ["g" * 32], ["0" * 31], [None]):
+        with pytest.raises(ValueError):
+            _uid_words(pa.array(bad, pa.string()))
