@@ -477,25 +477,12 @@ def cap_hash(uids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndar
     """Seeded 64-bit hash of each uid (32 hex digits): the sampling order of the per-class cap.
 
     The uid is already a uniform BLAKE2b digest, so its first 64 bits mixed with the seed by
-    splitmix64 give an independent pseudo-random order per seed, vectorised.
+    splitmix64 give an independent pseudo-random order per seed, vectorised. Raises
+    ``ValueError`` for anything but 32 lower-case hex digits.
     """
-    arr = pa.chunked_array([uids]) if not isinstance(uids, pa.ChunkedArray) else uids
-    arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.string())
-    if not pa.types.is_string(arr.type):
-        arr = pa.array(list(arr.to_pylist()), pa.string())
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
-    if not (np.diff(offsets) == 32).all():
-        raise ValueError("uids must be 32 hex digits")
-    hexd = data[offsets[0] : offsets[-1]].reshape(n, 32)[:, :16]
-    nib = np.where(hexd >= ord("a"), hexd - (ord("a") - 10), hexd - ord("0")).astype(np.uint64)
-    x = np.zeros(n, dtype=np.uint64)
-    for k in range(16):
-        x = (x << np.uint64(4)) | nib[:, k]
-    return _cap_hash_words(x, seed)
+    if isinstance(uids, list):
+        uids = pa.array(uids, pa.string())
+    return _cap_hash_words(_uid_words(uids)[0], seed)
 
 
 def _cap_hash_words(uid_hi: np.ndarray, seed: int) -> np.ndarray:
