@@ -365,10 +365,7 @@ class Matcher:
             parts.append((sp[r[keep]], s0[keep], e0[keep], p[keep]))
             if exact.any():
                 ex = np.flatnonzero(exact)
-                sub = sub.take(pa.array(ex))
-                has_amp = pc.match_substring(sub, "&").to_numpy(zero_copy_only=False)
-                fixed = _normalize_unicode(sub, np.asarray(has_amp, dtype=bool))
-                off, v = _buffers(fixed)
+                off, v = _buffers(_normalize_unicode(sub.take(pa.array(ex))))
                 r, s0, e0, p, _ = tac.scan(a, v, off, tac.LUT_NORMALISED, _ENTITIES)
                 parts.append((sp[ex[r]], s0, e0, p))
         if len(parts) == 1:
@@ -445,7 +442,7 @@ class Matcher:
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-copy ``(offsets int64 from 0, values uint8)`` of a string array."""
+    """Zero-copy ``(offsets int64 from 0, values uint8)`` of a string or binary array."""
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)
     offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
     data = arr.buffers()[2]
@@ -493,9 +490,7 @@ def _normalize(captions: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         row_of.append(rows)
         valid.append(~exact)
         if exact.any():
-            sub = sub.filter(pa.array(exact))
-            has_amp = pc.match_substring(sub, "&").to_numpy(zero_copy_only=False)
-            segments.append(_normalize_unicode(sub, np.asarray(has_amp, dtype=bool)))
+            segments.append(_normalize_unicode(sub.filter(pa.array(exact))))
             row_of.append(rows[exact])
             valid.append(np.ones(int(exact.sum()), dtype=bool))
     joined = bytearray(_ROW_SEP)
@@ -652,11 +647,11 @@ def _cp_replacements(cp: np.ndarray) -> np.ndarray:
     return _CP_REPL[cp] if len(new) else repl
 
 
-def _normalize_unicode(arr: pa.Array, has_amp: np.ndarray) -> pa.Array:
-    """HTML entities (rows where ``has_amp``), then invisible characters, NFKC, lower case and
+def _normalize_unicode(arr: pa.Array) -> pa.Array:
+    """HTML entities (rows with an ``&``), then invisible characters, NFKC, lower case and
     Unicode punctuation (rows still non-ASCII). Returns the rows normalised, same length."""
-    if has_amp.any():
-        mask = pa.array(has_amp)
+    mask = pc.match_substring(arr, "&")
+    if pc.any(mask).as_py():
         sub = pc.replace_substring_regex(arr.filter(mask), _SEPARATOR_ENTITIES, " ")
         ent = pc.match_substring_regex(sub, _ANY_ENTITY)
         if pc.any(ent).as_py():

@@ -198,12 +198,10 @@ def blake2b_128(arr: pa.Array) -> np.ndarray:
         return np.frombuffer(
             b"".join([digest(b, digest_size=16).digest() for b in rows]), dtype=np.uint8
         ).reshape(-1, 16)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[
-        arr.offset : arr.offset + len(arr) + 1
-    ]
-    data = arr.buffers()[2]
-    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(1, np.uint8)
-    _kernels.blake2b_128(values, offsets.astype(np.int64), _kernels.BLAKE2B_IV, out)
+    from pipeline.matcher import _buffers
+
+    offsets, values = _buffers(arr)
+    _kernels.blake2b_128(values, offsets, _kernels.BLAKE2B_IV, out)
     return out
 
 
@@ -499,8 +497,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 # Keys of a match, for the global filters: its uid and a BLAKE2b-128 digest of its URL, each as
-# two uint64 words, and its label. Scan tasks return them packed (37 bytes a match), so the
-# driver neither re-reads the scan parts nor hashes strings.
+# two uint64 words, and its label. Scan tasks write them packed (37 bytes a match) beside their
+# parts, so the driver neither re-reads the parts nor hashes strings.
 KEY_DTYPE = np.dtype(
     [
         ("uid_hi", "<u8"),
@@ -541,7 +539,7 @@ def global_keep(keys: pa.Table, cfg: TextFilterConfig) -> tuple[pa.Table, Counte
 def global_keep_keys(
     keys: np.ndarray, part: np.ndarray, cfg: TextFilterConfig
 ) -> tuple[np.ndarray, Counter]:
-    """Which matches survive the global filters: ``(indices into keys, drop counts)``.
+    """Which matches survive the global filters: ``(ascending indices into keys, drop counts)``.
 
     ``keys`` are :data:`KEY_DTYPE` records and ``part`` the scan part of each. A (uid, label)
     found in several parts (the same row in two input files) is kept once, in its lowest part.
@@ -796,9 +794,8 @@ def run_text_filter(
     del key_arrays
     kept, gcounts = global_keep_keys(keys, part_of, cfg)
     counts.update(gcounts)
-    # Keys are concatenated part by part in row order: sorted indices are grouped by part,
-    # and within a part they are row numbers (after subtracting the part's first index).
-    kept = np.sort(kept)
+    # Keys are concatenated part by part in row order: the kept indices (ascending) are grouped
+    # by part, and within a part they are row numbers (after subtracting the part's first index).
     kept_part = part_of[kept]
     part_start = dict(zip(done, np.searchsorted(part_of, np.asarray(done, dtype=np.int64))))
     bounds = np.searchsorted(kept_part, np.asarray(done, dtype=np.int64), side="left")

@@ -411,7 +411,9 @@ def test_global_filters_against_brute_force():
     random keys with rows repeated across parts, shared and missing URLs, and caps."""
     import random
 
-    from pipeline.text_filter import global_keep
+    import numpy as np
+
+    from pipeline.text_filter import global_keep, global_keep_keys, match_keys
 
     rng = random.Random(7)
     for _ in range(80):
@@ -438,6 +440,9 @@ def test_global_filters_against_brute_force():
         want, want_counts = _reference_keep(rows, cfg)
         assert got == want
         assert {k: v for k, v in counts.items() if v} == {k: v for k, v in want_counts.items() if v}
+        # The driver reads the kept indices as row numbers per part: they come back ascending.
+        idx, _ = global_keep_keys(match_keys(keys), keys.column("part").to_numpy(), cfg)
+        assert (np.diff(idx) > 0).all()
 
 
 def test_uids_equal_the_io_definition():
