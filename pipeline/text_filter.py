@@ -9,8 +9,8 @@ length) and writes its matches to ``<out>/_scan/part-<file index>.parquet`` with
 stats next to it. A rerun reuses the scan parts that exist, so a killed job resumes.
 
 The global filters run after the scan, on the driver, in numpy: each task also writes the
-keys of its matches to ``_scan/part-<index>.keys`` (uid and a BLAKE2b-128 digest of the URL as
-integer words, and the label: 37 bytes a match, some 4 GB for 100M matches, which must fit in
+keys of its matches to ``_scan/part-<index>.keys`` (uid and a MurmurHash3-128 digest of the URL
+as integer words, and the label: 37 bytes a match, some 4 GB for 100M matches, which must fit in
 driver memory). A row found in several input files is kept once; URL de-duplication keeps the
 row of the smallest uid of each URL; the per-class cap keeps the ``max_per_class`` rows with
 the smallest seeded hash of their uid (:func:`cap_hash`: a pseudo-random sample, not the first
@@ -70,6 +70,9 @@ OPTIONAL_TYPES = {
     "pwatermark": pa.float64(),
 }
 SCAN_DIR = "_scan"
+# The layout of the scan parts and their keys files; a failed run's scans of another layout are
+# not reused. 2: URL keys are MurmurHash3-128 (BLAKE2b-128 before).
+SCAN_FORMAT = 2
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
 STATS = "_stats.json"
 CONFIG = "_config.json"
@@ -175,8 +178,13 @@ def make_uids(urls: pa.Array, captions: pa.Array) -> pa.Array:
     """:func:`pipeline.io.make_uids` (BLAKE2b-128 of url, 0x1F, caption; nulls as empty), the
     same strings without a Python object per row: the fields are joined in Arrow and hashed by
     a compiled kernel (:func:`blake2b_128`)."""
+    return _hex_strings(_uid_digests(urls, captions))
+
+
+def _uid_digests(urls: pa.Array, captions: pa.Array) -> np.ndarray:
+    """The 16 bytes of each row's uid (``uint8 [rows, 16]``), before hex."""
     joined = pc.binary_join_element_wise(urls.fill_null(""), captions.fill_null(""), "\x1f")
-    return _hex_strings(blake2b_128(joined))
+    return blake2b_128(joined)
 
 
 def blake2b_128(arr: pa.Array) -> np.ndarray:
@@ -205,6 +213,75 @@ def blake2b_128(arr: pa.Array) -> np.ndarray:
     return out
 
 
+def murmur3_128(arr: pa.Array) -> np.ndarray:
+    """MurmurHash3_x64_128 (seed 0) of each row of a string or binary array (nulls hash as
+    empty): ``uint64 [rows, 2]``, the words (h1, h2) that ``mmh3.hash128`` joins into
+    ``h2 << 64 | h1``. numba's kernel where numba imports, else the same words from numpy
+    vectorised over rows (:func:`_murmur3_128_numpy`)."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = arr.fill_null("" if pa.types.is_string(arr.type) else b"")
+    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.binary())
+    out = np.zeros((len(arr), 2), dtype=np.uint64)
+    if not len(arr):
+        return out
+    from pipeline.matcher import _buffers
+
+    offsets, values = _buffers(arr)
+    try:
+        _kernels = importlib.import_module("pipeline._kernels")
+    except ImportError:
+        return _murmur3_128_numpy(values, offsets)
+    _kernels.murmur3_128(values, offsets, out)
+    return out
+
+
+def _murmur3_128_numpy(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """:func:`murmur3_128` without numba: block ``j`` of every row at once, for the rows that
+    have one (a loop as long as the longest row's blocks, each step over the rows left)."""
+    u = np.uint64
+    m1, m2 = u(0x87C37B91114253D5), u(0x4CF5AD432745937F)
+
+    def rotl(x, r):
+        return (x << u(r)) | (x >> u(64 - r))
+
+    def fmix(k):
+        k = k ^ (k >> u(33))
+        k = k * u(0xFF51AFD7ED558CCD)
+        k = k ^ (k >> u(33))
+        k = k * u(0xC4CEB9FE1A85EC53)
+        return k ^ (k >> u(33))
+
+    start, length = offsets[:-1], np.diff(offsets)
+    n = len(length)
+    h1, h2 = np.zeros(n, u), np.zeros(n, u)
+    blocks = length // 16
+    padded = np.concatenate([values, np.zeros(16, np.uint8)])  # tails read past the end
+    lanes = np.arange(16)
+    with np.errstate(over="ignore"):
+        for j in range(int(blocks.max(initial=0))):
+            sel = np.flatnonzero(blocks > j)
+            k = padded[(start[sel] + 16 * j)[:, None] + lanes].view("<u8").astype(u)
+            a = h1[sel] ^ (rotl(k[:, 0] * m1, 31) * m2)
+            a = (rotl(a, 27) + h2[sel]) * u(5) + u(0x52DCE729)
+            b = h2[sel] ^ (rotl(k[:, 1] * m2, 33) * m1)
+            b = (rotl(b, 31) + a) * u(5) + u(0x38495AB5)
+            h1[sel], h2[sel] = a, b
+        rem = length & 15
+        tail = padded[(start + 16 * blocks)[:, None] + lanes]
+        tail = np.where(lanes < rem[:, None], tail, 0).astype(np.uint8).view("<u8").astype(u)
+        h2 ^= np.where(rem > 8, rotl(tail[:, 1] * m2, 33) * m1, u(0))
+        h1 ^= np.where(rem > 0, rotl(tail[:, 0] * m1, 31) * m2, u(0))
+        h1 ^= length.astype(u)
+        h2 ^= length.astype(u)
+        h1 += h2
+        h2 += h1
+        h1, h2 = fmix(h1), fmix(h2)
+        h1 += h2
+        h2 += h1
+    return np.stack([h1, h2], axis=1)
+
+
 def _hex_strings(digests: np.ndarray) -> pa.Array:
     """Lower-case hex strings of ``uint8 [rows, k]`` (2k digits each), built in numpy."""
     n, k = digests.shape
@@ -230,6 +307,19 @@ def filter_batch(
     matches ``null_or_empty_url``, ``too_small``, ``unsafe``, ``low_similarity``) and
     ``rows_matched``.
     """
+    return _filter_batch(batch, cols, matcher, cfg, classes, stats)[0]
+
+
+def _filter_batch(
+    batch: pa.RecordBatch,
+    cols: dict[str, str],
+    matcher,
+    cfg: TextFilterConfig,
+    classes: list[str],
+    stats: Counter,
+) -> tuple[pa.Table, np.ndarray]:
+    """:func:`filter_batch`, and the 16 bytes of each kept row's uid (the scan's match keys
+    take them as they are, instead of parsing the hex back)."""
     n = batch.num_rows
     stats["rows_scanned"] += n
     # The matcher reads bytes and copes with invalid UTF-8 itself; only the text of kept rows
@@ -270,7 +360,7 @@ def filter_batch(
     else:
         stats["dropped_ambiguous"] += int((label == -2).sum())
     if not len(rows):
-        return _empty_output(cols)
+        return _empty_output(cols), np.zeros((0, 16), np.uint8)
     idx = pa.array(rows, pa.int64())
     # A match without a URL cannot be downloaded: dropped first (it never reaches the global
     # URL de-duplication).
@@ -313,9 +403,10 @@ def filter_batch(
     url_sel = _as_string(url_sel)
     cap_sel = _as_string(captions.take(pa.array(rows)))
     labels = pa.array(labs.astype(np.int32))
+    uid_digests = _uid_digests(url_sel, cap_sel)  # after the filters: hashing is per kept row
     table = pa.table(
         {
-            "uid": make_uids(url_sel, cap_sel),  # after the filters: hashing is per kept row
+            "uid": _hex_strings(uid_digests),
             "url": url_sel,
             "caption": cap_sel,
             "label": labels,
@@ -327,7 +418,7 @@ def filter_batch(
         }
     )
     stats["rows_matched"] += table.num_rows
-    return table
+    return table, uid_digests
 
 
 def _output_schema(cols: dict[str, str]) -> pa.Schema:
@@ -406,7 +497,7 @@ def scan_file(
     timings = {"read_s": 0.0, "match_s": 0.0, "write_s": 0.0}
     # Only reading is guarded: a file that cannot be read is bad input (named, or skipped and
     # listed); an error in the matching code is a bug and always fails the job.
-    tables = []
+    tables, uid_digests = [], []
     matcher = _matcher(classes, synonyms, cfg.engine)
     try:
         fs, path = io.url_to_fs(url)
@@ -424,7 +515,9 @@ def scan_file(
                     timings["read_s"] += time.perf_counter() - t
                 t = time.perf_counter()
                 try:
-                    tables.append(filter_batch(batch, cols, matcher, cfg, classes, stats))
+                    table, digests = _filter_batch(batch, cols, matcher, cfg, classes, stats)
+                    tables.append(table)
+                    uid_digests.append(digests)
                 except Exception as e:  # not a read error: never skipped as a bad file
                     raise RuntimeError(f"{url}: text filter failed on a batch: {e!r}") from e
                 timings["match_s"] += time.perf_counter() - t
@@ -440,7 +533,7 @@ def scan_file(
     t = time.perf_counter()
     # Repeats of a (uid, label) (the same row twice in a file) dropped, the first kept; rows
     # stay in file order. numpy over the keys' integer words, no string sort.
-    keys = match_keys(table)
+    keys = match_keys(table, np.concatenate(uid_digests) if uid_digests else None)
     # Contiguous columns: the packed records' fields are unaligned, slow to index.
     hi, lo, lab = (np.ascontiguousarray(keys[f]) for f in ("uid_hi", "uid_lo", "label"))
     order = _sort_keys(hi, lo, lab, np.arange(len(keys)))
@@ -496,8 +589,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-# Keys of a match, for the global filters: its uid and a BLAKE2b-128 digest of its URL, each as
-# two uint64 words, and its label. Scan tasks write them packed (37 bytes a match) beside their
+# Keys of a match, for the global filters: its uid and a MurmurHash3-128 digest of its URL (a
+# well-mixed 128-bit value tells URLs apart; it need not be cryptographic, and costs a seventh
+# of BLAKE2b), each as two uint64 words, and its label. Scan tasks write them packed (37 bytes a match) beside their
 # parts, so the driver neither re-reads the parts nor hashes strings.
 KEY_DTYPE = np.dtype(
     [
@@ -511,16 +605,24 @@ KEY_DTYPE = np.dtype(
 )
 
 
-def match_keys(table: pa.Table) -> np.ndarray:
-    """:data:`KEY_DTYPE` records of a table with ``uid``, ``url`` and ``label`` columns."""
+def match_keys(table: pa.Table, uid_digests: np.ndarray | None = None) -> np.ndarray:
+    """:data:`KEY_DTYPE` records of a table with ``uid``, ``url`` and ``label`` columns.
+
+    ``uid_digests`` (``uint8 [rows, 16]``, the bytes the uids are the hex of) saves parsing
+    the uid column.
+    """
     keys = np.zeros(table.num_rows, dtype=KEY_DTYPE)
     if not table.num_rows:
         return keys
-    keys["uid_hi"], keys["uid_lo"] = _uid_words(table.column("uid"))
+    if uid_digests is None:
+        keys["uid_hi"], keys["uid_lo"] = _uid_words(table.column("uid"))
+    else:
+        words = uid_digests.view(">u8")  # big-endian: the words order as the hex strings do
+        keys["uid_hi"], keys["uid_lo"] = words[:, 0], words[:, 1]
     keys["label"] = table.column("label").to_numpy()
     url = table.column("url").combine_chunks()
     keys["has_url"] = np.asarray(url.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)
-    words = blake2b_128(url).view(">u8")
+    words = murmur3_128(url)
     keys["url_hi"], keys["url_lo"] = words[:, 0], words[:, 1]
     return keys
 
@@ -577,7 +679,9 @@ def global_keep_keys(
         best = (h == h[run_first]) & (lw == lw[run_first]) & keys["has_url"][order].astype(bool)
         counts["dropped_duplicate_url"] += int((first & ~best).sum())
         first &= best
-    order = np.sort(order[first])
+    kept = np.zeros(n, dtype=bool)  # ascending indices: a mask, cheaper than sorting them
+    kept[order[first]] = True
+    order = np.flatnonzero(kept)
     if cfg.max_per_class and len(order):
         h, lw, lb = hi[order], lo[order], label[order]
         cap = _cap_hash_words(h, cfg.seed)
@@ -748,7 +852,14 @@ def run_text_filter(
     )
     classes, synonyms = list(spec.classes), {k: list(v) for k, v in spec.synonyms.items()}
     _check_scan_fingerprint(
-        out, {"config": to_dict(cfg), "classes": classes, "synonyms": synonyms, "files": files}
+        out,
+        {
+            "config": to_dict(cfg),
+            "classes": classes,
+            "synonyms": synonyms,
+            "files": files,
+            "scan_format": SCAN_FORMAT,
+        },
     )
     from pipeline.spark import get_spark
 
@@ -783,11 +894,7 @@ def run_text_filter(
     for (i, _), r in zip(todo, results):
         if "bad_file" in r:
             continue
-        if io.exists(_keys_path(out, i)):
-            key_arrays.append(np.frombuffer(io.read_bytes(_keys_path(out, i)), dtype=KEY_DTYPE))
-        else:  # a scan part written without its keys (by an older version)
-            part = io.read_parquet(_piece_paths(out, i)[0], columns=["uid", "url", "label"])
-            key_arrays.append(match_keys(part))
+        key_arrays.append(np.frombuffer(io.read_bytes(_keys_path(out, i)), dtype=KEY_DTYPE))
     keys = np.concatenate(key_arrays) if key_arrays else np.zeros(0, dtype=KEY_DTYPE)
     part_of = np.repeat(np.asarray(done, dtype=np.int64), [len(k) for k in key_arrays])
     part_rows = dict(zip(done, (len(k) for k in key_arrays)))

@@ -456,7 +456,7 @@ def test_uids_equal_the_io_definition():
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["numba", "hashlib"])
 def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypatch):
-    """The compiled BLAKE2b-128 (uids and URL keys) gives hashlib's bytes: empty rows, every
+    """The compiled BLAKE2b-128 (uids) gives hashlib's bytes: empty rows, every
     length around the 128-byte block, random binary (not UTF-8), nulls, slices, large types;
     and so does the hashlib fallback used where numba is missing."""
     import hashlib
@@ -485,6 +485,41 @@ def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypat
         hashlib.blake2b(b, digest_size=16).digest() for b in (b"ab", b"", b"")
     ]
     assert blake2b_128(pa.array([], pa.binary())).shape == (0, 16)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "numpy"])
+def test_murmur3_equals_mmh3_on_every_tail_length(kernel, monkeypatch):
+    """The URL keys' MurmurHash3_x64_128 gives the mmh3 package's words: every tail length
+    (0-15 bytes after the 16-byte blocks) for several block counts, random binary, nulls as
+    empty, slices, large types; the numpy fallback where numba is missing gives the same."""
+    import sys
+
+    import numpy as np
+
+    mmh3 = pytest.importorskip("mmh3")
+    from pipeline.text_filter import murmur3_128
+
+    if not kernel:
+        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+    rng = np.random.default_rng(5)
+    lengths = list(range(0, 50)) + [255, 256, 257, 1000, 4099]
+    rows = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+    rows += [rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes() for _ in range(200)]
+    want = [mmh3.hash128(r, seed=0, x64arch=True, signed=False) for r in rows]
+
+    def words(a):
+        return [(h2 << 64) | h1 for h1, h2 in murmur3_128(a).tolist()]
+
+    arr = pa.array(rows, pa.binary())
+    assert words(arr) == want
+    assert words(arr.slice(7, 60)) == want[7:67]
+    assert words(arr.cast(pa.large_binary())) == want
+    assert words(pa.chunked_array([arr[:3], arr[3:9]])) == want[:9]
+    assert words(pa.array(["http://a.test/é.jpg", None], pa.string())) == [
+        mmh3.hash128("http://a.test/é.jpg".encode(), seed=0, x64arch=True, signed=False),
+        0,  # null hashes as empty: MurmurHash3 of no bytes, seed 0, is 0
+    ]
+    assert murmur3_128(pa.array([], pa.binary())).shape == (0, 2)
 
 
 def test_filter_core_runs_without_numba():
