@@ -504,7 +504,9 @@ def test_murmur3_equals_mmh3_on_every_tail_length(kernel, monkeypatch):
     rng = np.random.default_rng(5)
     lengths = list(range(0, 50)) + [255, 256, 257, 1000, 4099]
     rows = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
-    rows += [rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes() for _ in range(200)]
+    rows += [
+        rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes() for _ in range(200)
+    ]
     want = [mmh3.hash128(r, seed=0, x64arch=True, signed=False) for r in rows]
 
     def words(a):
