@@ -414,3 +414,40 @@ def murmur3_128(values, offsets, out):
         h2 += h1
         out[r, 0] = h1
         out[r, 1] = h2
+
+
+# ---------------------------------------------------------------------- global filters
+
+
+@_jit
+def sorted_keep(order, keys, dedup_urls, kept):
+    # One pass over the matches (pipeline.text_filter.KEY_DTYPE records: a row's fields share
+    # a cache line, where separate columns cost a miss each) in the order of
+    # pipeline.text_filter.global_keep_keys' sort: kept[i] for the first of each (uid, label)
+    # and, with dedup_urls, only for the rows of the URL run's first uid that have a URL.
+    # Returns (repeated rows, rows dropped by URL).
+    dup_rows = 0
+    dup_urls = 0
+    run_hi = U(0)
+    run_lo = U(0)
+    for j in range(len(order)):
+        k = keys[order[j]]
+        if j > 0:
+            p = keys[order[j - 1]]
+            if k.uid_hi == p.uid_hi and k.uid_lo == p.uid_lo and k.label == p.label:
+                dup_rows += 1
+                continue
+            new_url = k.url_hi != p.url_hi or k.url_lo != p.url_lo
+        else:
+            new_url = True
+        if not dedup_urls:
+            kept[order[j]] = True
+            continue
+        if new_url:
+            run_hi = k.uid_hi
+            run_lo = k.uid_lo
+        if k.uid_hi == run_hi and k.uid_lo == run_lo and k.has_url:
+            kept[order[j]] = True
+        else:
+            dup_urls += 1
+    return dup_rows, dup_urls

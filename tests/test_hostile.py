@@ -617,7 +617,7 @@ def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
     path = str(tmp_path / f"{case.name}.parquet")
     case.build_input(path)
     try:
-        good, bad = check_inputs([path], TextFilterConfig())
+        good, bad, _ = check_inputs([path], TextFilterConfig())
     except io.InputError as e:
         return Outcome("error", str(e), e), path
     return Outcome("accepted", detail={"good": good, "bad": bad}), path

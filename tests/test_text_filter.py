@@ -340,6 +340,49 @@ def test_rerun_is_byte_identical_and_duplicate_files_count_once(tmp_path, datase
     assert {p: open(os.path.join(out, p), "rb").read() for p in first} == first
 
 
+def test_task_groups_pack_small_files_in_order_without_idling_cores():
+    from pipeline.text_filter import task_groups
+
+    todo = [(i, f"f{i}") for i in range(6)]
+
+    def grouped(sizes, task_rows, cores):
+        got = task_groups(
+            todo[: len(sizes)], dict(zip((f for _, f in todo), sizes)), task_rows, cores
+        )
+        assert [t for g in got for t in g] == todo[: len(sizes)]  # all, once, in input order
+        return [[i for i, _ in g] for g in got]
+
+    assert grouped([500] * 4, 1000, 2) == [[0, 1], [2, 3]]
+    assert grouped([500] * 4, 1000, 1) == [[0, 1], [2, 3]]  # task_rows bounds a group
+    assert grouped([500] * 4, 10_000, 2) == [[0, 1], [2, 3]]  # an even share per core bounds it
+    assert grouped([500] * 4, 1000, 64) == [[0], [1], [2], [3]]  # many cores: a task per file
+    assert grouped([500] * 4, 0, 2) == [[0], [1], [2], [3]]  # 0: a task per file
+    # A file of task_rows or more is a task of its own and closes the group before it.
+    assert grouped([100, 5000, 100, 100, 900, 100], 1000, 1) == [[0], [1], [2, 3, 4], [5]]
+    assert grouped([0, 0, 0], 1000, 2) == [[0, 1, 2]]  # empty files: one task
+    assert grouped([700], 1000, 2) == [[0]]
+
+
+def test_grouped_tasks_write_the_same_bytes_as_a_task_per_file(tmp_path, dataset_yaml):
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(4):
+        pq.write_table(laion_table(100, CLASSES, seed=10 + i, match_rate=0.5), d / f"p{i}.parquet")
+    outs = {}
+    for rows in (200, 0):
+        out = str(tmp_path / f"out{rows}")
+        stats = run_text_filter(TextFilterConfig(task_rows=rows), dataset_yaml, str(d), out)
+        assert stats["scan_tasks"] == (2 if rows else 4)
+        outs[rows] = {
+            p: open(os.path.join(out, p), "rb").read()
+            for p in sorted(os.listdir(out))
+            if p.startswith("part-")
+        }
+    assert len(outs[0]) == 4 and outs[200] == outs[0]
+
+
 def test_bad_config_is_a_clear_error(tmp_path, dataset_yaml, caplog):
     meta = _write(tmp_path, "in", KNOWN)
     argv = ["filter", "--dataset", dataset_yaml, "--metadata", meta, "--out", str(tmp_path / "o")]
@@ -406,10 +449,16 @@ def _reference_keep(rows, cfg):
     return sorted((uid, label, part) for uid, label, part, _ in items), counts
 
 
-def test_global_filters_against_brute_force():
-    """global_keep (numpy over uid and URL digests) equals the rules written plainly, on
-    random keys with rows repeated across parts, shared and missing URLs, and caps."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "numpy"])
+def test_global_filters_against_brute_force(kernel, monkeypatch):
+    """global_keep (a sort over uid and URL digests, then one compiled pass, or numpy where
+    numba is missing) equals the rules written plainly, on random keys with rows repeated
+    across parts, shared and missing URLs, and caps."""
     import random
+    import sys
+
+    if not kernel:
+        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
 
     import numpy as np
 
@@ -417,7 +466,12 @@ def test_global_filters_against_brute_force():
 
     rng = random.Random(7)
     for _ in range(80):
-        uids = [f"{rng.getrandbits(128):032x}" for _ in range(rng.randint(1, 40))]
+        # Some uids share their high word (the sort's first key): the low word must decide.
+        high = [rng.getrandbits(64) for _ in range(3)]
+        uids = [
+            f"{(rng.choice(high) if rng.random() < 0.3 else rng.getrandbits(64)) << 64 | rng.getrandbits(64):032x}"
+            for _ in range(rng.randint(1, 40))
+        ]
         urls = [f"http://a.test/{i}.jpg" for i in range(rng.randint(1, 15))] + [None]
         url_of = {u: rng.choice(urls) for u in uids}
         picks = [rng.choice(uids) for _ in range(rng.randint(0, 120))]
