@@ -1,8 +1,9 @@
 """Stage 1: keep the LAION rows whose captions name a target class (Spark over parquet).
 
 How it runs: the driver lists the input files and checks every file's schema from its parquet
-footer (a missing column fails at once, naming the file). Spark distributes one task per file;
-each task reads the file with pyarrow through fsspec (local, ``s3://``, ``hf://``, any fsspec
+footer (a missing column fails at once, naming the file). Spark distributes the files to tasks
+(consecutive small files share a task, :func:`task_groups`); each task reads its files one at a
+time with pyarrow (Arrow's own file where local, else fsspec: ``s3://``, ``hf://``, any fsspec
 URL), in record batches of the needed columns only, matches a whole batch at a time
 (:mod:`pipeline.matcher`), applies the row-local filters (size, safety, similarity, caption
 length) and writes its matches to ``<out>/_scan/part-<file index>.parquet`` with per-file
@@ -604,8 +605,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 # Keys of a match, for the global filters: its uid and a MurmurHash3-128 digest of its URL (a
 # well-mixed 128-bit value tells URLs apart; it need not be cryptographic, and costs a seventh
-# of BLAKE2b), each as two uint64 words, and its label. Scan tasks write them packed (37 bytes a match) beside their
-# parts, so the driver neither re-reads the parts nor hashes strings.
+# of BLAKE2b), each as two uint64 words, and its label. Scan tasks write them packed (37 bytes
+# a match) beside their parts, so the driver neither re-reads the parts nor hashes strings.
 KEY_DTYPE = np.dtype(
     [
         ("uid_hi", "<u8"),
