@@ -756,12 +756,26 @@ def _uid_words(uids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray
 
 
 def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
-    """The order sorting rows by ``first``, then each of ``rest``. One argsort of ``first`` (a
-    uint64 word of a uid or URL digest); only the rows that share it (the same uid or URL,
-    found in two files or under two labels) are sorted by the other keys: a quarter of the
-    cost of ``np.lexsort`` over them all."""
-    order = np.argsort(first)
-    f = first[order]
+    """The order sorting rows by ``first``, then each of ``rest`` (rows equal in all of them by
+    row number). One sort of ``first`` (a uint64 word of a uid or URL digest, or another
+    hash); only the rows that share its high bits (the same uid or URL, found in two files or
+    under two labels, and the rare near-equal hashes) are sorted by the other keys: a small
+    part of the cost of ``np.lexsort`` over them all."""
+    n = len(first)
+    bits = max(1, (n - 1).bit_length())
+    if bits > 40:  # too many rows to leave the key its high bits: a plain argsort
+        order = np.argsort(first)
+        f = first[order]
+    else:
+        # A value sort of (the key's high bits | row number): numpy's SIMD sort, a seventh of
+        # argsort's time on a million keys. Rows whose keys share those high bits are ties,
+        # sorted by the whole keys below (the keys here are hashes: ties are rare).
+        mask = np.uint64((1 << bits) - 1)
+        packed = np.sort(
+            (first.astype(np.uint64, copy=False) & ~mask) | np.arange(n, dtype=np.uint64)
+        )
+        order = (packed & mask).astype(np.int64)
+        f = packed >> np.uint64(bits)
     tie = np.zeros(len(f), dtype=bool)
     tie[1:] = f[1:] == f[:-1]
     tie[:-1] |= tie[1:].copy()

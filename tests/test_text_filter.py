@@ -499,6 +499,28 @@ def test_global_filters_against_brute_force(kernel, monkeypatch):
         assert (np.diff(idx) > 0).all()
 
 
+def test_sort_keys_equals_lexsort():
+    """_sort_keys (a value sort of the first key's high bits, ties fixed by the whole keys)
+    gives np.lexsort's order: random hashes, keys differing only in their low bits (ties of
+    the packed sort), exact repeats (by row number), empty and single rows."""
+    import numpy as np
+
+    from pipeline.text_filter import _sort_keys
+
+    rng = np.random.default_rng(11)
+    u64 = np.uint64
+    for n in (0, 1, 2, 7, 300, 5000):
+        firsts = [
+            rng.integers(0, 2**64 - 1, n, dtype=u64, endpoint=True),
+            (rng.integers(0, 5, n, dtype=u64) << u64(40)) | rng.integers(0, 4, n, dtype=u64),
+            rng.integers(0, 3, n, dtype=u64),
+        ]
+        for first in firsts:
+            rest = (rng.integers(0, 3, n, dtype=u64), rng.integers(0, 2, n).astype(np.int64))
+            got = _sort_keys(first, *rest)
+            assert got.tolist() == np.lexsort((*reversed(rest), first)).tolist()
+
+
 def test_uids_equal_the_io_definition():
     from pipeline.text_filter import make_uids
 
