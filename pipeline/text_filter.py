@@ -669,11 +669,11 @@ def global_keep_keys(
     """
     counts: Counter = Counter()
     n = len(keys)
-    # Contiguous columns: the packed records' fields are unaligned, slow to index.
-    hi, lo, url_hi, url_lo = (
-        np.ascontiguousarray(keys[f]) for f in ("uid_hi", "uid_lo", "url_hi", "url_lo")
+    # Views of the packed records' fields: the sort reads its first key once; the others are
+    # read only for its rare ties.
+    hi, lo, url_hi, url_lo, label = (
+        keys[f] for f in ("uid_hi", "uid_lo", "url_hi", "url_lo", "label")
     )
-    label = keys["label"].astype(np.int64)
     if cfg.dedup_urls:
         # One sort by (URL, uid, label, part): a uid fixes its URL, so the repeats of a
         # (uid, label) are neighbours (the first in its lowest part), and each URL's run starts
@@ -681,13 +681,17 @@ def global_keep_keys(
         order = _sort_keys(url_hi, url_lo, hi, lo, label, part)
     else:
         order = _sort_keys(hi, lo, label, part)  # (uid, label, part)
-    has_url = np.ascontiguousarray(keys["has_url"]).astype(bool)
     kept = np.zeros(n, dtype=bool)  # ascending indices: a mask, cheaper than sorting them
     try:
         _kernels = importlib.import_module("pipeline._kernels")
     except ImportError:
+        # Contiguous columns: the packed records' fields are unaligned, slow to gather from.
         dup_rows, dup_urls = _sorted_keep_numpy(
-            order, hi, lo, label, url_hi, url_lo, has_url, cfg.dedup_urls, kept
+            order,
+            *(np.ascontiguousarray(c) for c in (hi, lo, label, url_hi, url_lo)),
+            keys["has_url"].astype(bool),
+            cfg.dedup_urls,
+            kept,
         )
     else:  # one pass instead of a dozen gathers and compares over all matches: a tenth
         dup_rows, dup_urls = _kernels.sorted_keep(order, keys, cfg.dedup_urls, kept)
@@ -696,7 +700,7 @@ def global_keep_keys(
         counts["dropped_duplicate_url"] += int(dup_urls)
     order = np.flatnonzero(kept)
     if cfg.max_per_class and len(order):
-        h, lw, lb = hi[order], lo[order], label[order]
+        h, lw, lb = hi[order], lo[order], label[order].astype(np.int64)
         cap = _cap_hash_words(h, cfg.seed)
         # By (label, hash, uid): sorted by hash (ties by uid, as their strings order), then a
         # stable sort by label; cheaper than np.lexsort over the four.
