@@ -138,6 +138,7 @@ def scan(
     cp_class,
     tok_hash,
     tok_id,
+    tok_bits,
     tok_bytes,
     tok_off,
     root_next,
@@ -183,6 +184,9 @@ def scan(
         for k in range(U(nt)):
             h = th[k] * U(0x9E3779B97F4A7C15)
             slot = h >> tshift
+            if not (tok_bits[slot >> U(3)] >> (slot & U(7))) & U(1):  # an empty slot: unknown
+                state = 0
+                continue
             tid = -1
             while tok_id[slot] >= 0:
                 if tok_hash[slot] == h:
