@@ -292,7 +292,9 @@ def _hex_strings(digests: np.ndarray) -> pa.Array:
     hexed = _HEX_PAIRS[digests]
     offsets = np.arange(0, 2 * k * n + 1, 2 * k, dtype=np.int32)
     return pa.Array.from_buffers(
-        pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(hexed.tobytes())]
+        pa.string(),
+        n,
+        [None, pa.py_buffer(offsets), pa.py_buffer(hexed)],  # no copy
     )
 
 
@@ -570,7 +572,7 @@ def scan_file(
     }
     # Keys in a file of their own, not in the task's result: collected results are capped
     # (spark.driver.maxResultSize, 1 GB by default), and a resumed run finds them here too.
-    io.write_bytes(_keys_path(out, index), keys.tobytes())
+    io.write_bytes(_keys_path(out, index), keys.view(np.uint8))  # its bytes, not a copy
     io.write_json(stats_url, result)
     return result
 
