@@ -1,5 +1,6 @@
 """Compiled (numba) kernels of the text filter's hot loops: the ``tokens`` matching engine
-(see :mod:`pipeline._token_ac`) and BLAKE2b-128 over the rows of an Arrow binary array.
+(see :mod:`pipeline._token_ac`), BLAKE2b-128 (uids) and MurmurHash3_x64_128 (URL keys) over
+the rows of an Arrow binary array, and the global filters' pass over the sorted match keys.
 
 Imported only where they run: importing numba costs about 0.3 s. Compiled code is cached on
 disk by numba (``__pycache__`` here, or numba's user cache dir where that is read-only), so a
@@ -238,7 +239,7 @@ def scan(
 # ---------------------------------------------------------------------- BLAKE2b-128
 # RFC 7693, unkeyed, 16-byte digest: the same bytes as hashlib.blake2b(data, digest_size=16),
 # about 3x faster than calling hashlib once per row (tests compare the two on every block
-# boundary). Used for row uids and URL keys, which every stage must agree on.
+# boundary). Used for row uids, which every stage must agree on.
 
 BLAKE2B_IV = np.array(
     [
@@ -436,20 +437,22 @@ def sorted_keep(order, keys, dedup_urls, kept):
     run_lo = U(0)
     for j in range(len(order)):
         k = keys[order[j]]
-        if j > 0:
+        # A URL run starts at its first row, a repeated one included (a uid under two URLs,
+        # possible with hostile fields: the uid joins URL and caption with 0x1F).
+        if j == 0:
+            run_hi = k.uid_hi
+            run_lo = k.uid_lo
+        else:
             p = keys[order[j - 1]]
+            if k.url_hi != p.url_hi or k.url_lo != p.url_lo:
+                run_hi = k.uid_hi
+                run_lo = k.uid_lo
             if k.uid_hi == p.uid_hi and k.uid_lo == p.uid_lo and k.label == p.label:
                 dup_rows += 1
                 continue
-            new_url = k.url_hi != p.url_hi or k.url_lo != p.url_lo
-        else:
-            new_url = True
         if not dedup_urls:
             kept[order[j]] = True
             continue
-        if new_url:
-            run_hi = k.uid_hi
-            run_lo = k.uid_lo
         if k.uid_hi == run_hi and k.uid_lo == run_lo and k.has_url:
             kept[order[j]] = True
         else:

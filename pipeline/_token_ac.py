@@ -241,8 +241,9 @@ def build_automaton(patterns: Sequence[Sequence[str]]) -> Automaton:
     return Automaton(
         tok_hash=tok_hash,
         tok_id=tok_id,
-        # The first probe of a caption token (nearly always an empty slot) reads these 4 KB,
-        # which stay in L1, instead of the 128 KB tok_id: the kernel runs 6% faster.
+        # The first probe of a caption token (nearly always an empty slot) reads this bitmap,
+        # an eighth of a byte a slot (4 KB for ImageNet's names, in L1), instead of tok_id (four
+        # bytes a slot): matching ran about 5% faster.
         tok_bits=np.packbits(tok_id >= 0, bitorder="little"),
         tok_bytes=tok_bytes,
         tok_off=tok_off,

@@ -775,7 +775,8 @@ def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
     else:
         # A value sort of (the key's high bits | row number): numpy's SIMD sort, a seventh of
         # argsort's time on a million keys. Rows whose keys share those high bits are ties,
-        # sorted by the whole keys below (the keys here are hashes: ties are rare).
+        # sorted by the whole keys below (the keys here are hashes: ties are the repeated keys
+        # themselves, and near-equal hashes only rarely).
         mask = np.uint64((1 << bits) - 1)
         packed = np.sort(
             (first.astype(np.uint64, copy=False) & ~mask) | np.arange(n, dtype=np.uint64)
@@ -793,6 +794,27 @@ def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
 
 
 _HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint16)
+
+
+def _scanned_indices(out: str) -> set[int]:
+    """Indices of the files whose scan is complete (``_scan/part-<i>.stats.json`` exists),
+    from one listing of the scan directory."""
+    scan = io.join(out, SCAN_DIR)
+    if not io.exists(scan):
+        return set()
+    fs, path = io.url_to_fs(scan)
+    fs.invalidate_cache(path)
+    names = fs.ls(path, detail=False)
+    # Object-store filesystems cache the listing; the files written next must not be hidden.
+    fs.invalidate_cache(path)
+    done = set()
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("part-") and base.endswith(".stats.json"):
+            stem = base[len("part-") : -len(".stats.json")]
+            if stem.isdigit():
+                done.add(int(stem))
+    return done
 
 
 def _keep_path(out: str, index: int) -> str:
@@ -879,24 +901,26 @@ def check_inputs(
 def task_groups(
     todo: list[tuple[int, str]], rows: dict[str, int], task_rows: int, parallelism: int
 ) -> list[list[tuple[int, str]]]:
-    """The scan's Spark tasks: consecutive files (in input order) grouped until a group holds
-    ``task_rows`` rows, by their footers' counts; a file that large is a task of its own.
+    """The scan's Spark tasks: consecutive files (in input order) grouped while a group stays
+    within ``task_rows`` rows, by their footers' counts (``rows``: the files still to scan; a
+    file missing from it counts as none, as an already scanned one costs nothing).
 
     Spark spends some 0.1 s setting up each task (seconds where it lands on a cold worker), so
-    a task per small file wastes a large share of the time. The group size never exceeds an
-    even share of the rows per core (``parallelism``), so grouping cannot leave cores idle:
-    the same rule as Spark's own packing of small files into partitions. Each file keeps its
-    own scan part and resume marker either way. ``task_rows`` 0: a task per file.
+    a task per small file wastes a large share of the time. No group holds more than an even
+    share of the rows per core (``parallelism``) either, so grouping does not leave cores idle
+    (Spark packs small files into partitions by the same rule); only a single file larger than
+    that, which is never split, makes a bigger task. Each file keeps its own scan part and
+    resume marker either way. ``task_rows`` 0: a task per file.
     """
     if task_rows <= 0 or len(todo) <= 1:
         return [[t] for t in todo]
     share = -(-sum(rows.get(f, 0) for _, f in todo) // max(1, parallelism))
     target = max(1, min(task_rows, share))
     groups: list[list[tuple[int, str]]] = []
-    size = target
+    size = 0
     for item in todo:
         r = rows.get(item[1], 0)
-        if size >= target or r >= target:
+        if not groups or (size > 0 and size + r > target):
             groups.append([])
             size = 0
         groups[-1].append(item)
@@ -952,7 +976,11 @@ def run_text_filter(
 
     spark = get_spark(master, app_name=f"primer-filter-{spec.name}")
     sc = spark.sparkContext
-    groups = task_groups(todo, file_rows, cfg.task_rows, sc.defaultParallelism)
+    # Files a failed run already scanned (their stats marker exists) cost nothing: grouped by
+    # the rows still to scan only.
+    scanned = _scanned_indices(out)
+    pending = {f: file_rows[f] for i, f in todo if i not in scanned}
+    groups = task_groups(todo, pending, cfg.task_rows, sc.defaultParallelism)
     t_scan = time.perf_counter()
     try:
         # One task per group; results come back in input order (groups are consecutive).

@@ -357,10 +357,16 @@ def test_task_groups_pack_small_files_in_order_without_idling_cores():
     assert grouped([500] * 4, 10_000, 2) == [[0, 1], [2, 3]]  # an even share per core bounds it
     assert grouped([500] * 4, 1000, 64) == [[0], [1], [2], [3]]  # many cores: a task per file
     assert grouped([500] * 4, 0, 2) == [[0], [1], [2], [3]]  # 0: a task per file
-    # A file of task_rows or more is a task of its own and closes the group before it.
-    assert grouped([100, 5000, 100, 100, 900, 100], 1000, 1) == [[0], [1], [2, 3, 4], [5]]
+    # A group never goes past the bound; a file above it is a task of its own.
+    assert grouped([100, 5000, 100, 100, 900, 100], 1000, 1) == [[0], [1], [2, 3], [4, 5]]
+    assert grouped([399, 399, 399, 3], 10**6, 3) == [[0], [1], [2], [3]]  # share 400 a core
+    assert grouped([900, 900, 200], 10**6, 2) == [[0], [1], [2]]  # share 1000
     assert grouped([0, 0, 0], 1000, 2) == [[0, 1, 2]]  # empty files: one task
     assert grouped([700], 1000, 2) == [[0]]
+    # Files a failed run scanned (left out of rows) cost nothing: they join any group, and the
+    # share is of the rows still to scan.
+    rows = {"f2": 500, "f3": 500}
+    assert [[i for i, _ in g] for g in task_groups(todo[:4], rows, 10**6, 2)] == [[0, 1, 2], [3]]
 
 
 def test_grouped_tasks_write_the_same_bytes_as_a_task_per_file(tmp_path, dataset_yaml):
@@ -497,6 +503,31 @@ def test_global_filters_against_brute_force(kernel, monkeypatch):
         # The driver reads the kept indices as row numbers per part: they come back ascending.
         idx, _ = global_keep_keys(match_keys(keys), keys.column("part").to_numpy(), cfg)
         assert (np.diff(idx) > 0).all()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "numpy"])
+def test_url_run_starting_with_a_repeated_row(kernel, monkeypatch):
+    """A uid found under two URLs (hostile fields: the uid joins URL and caption with 0x1F, so
+    url "a\x1fb" + caption "c" and url "a" + caption "b\x1fc" share it): where the repeat of a
+    (uid, label) starts a URL run, that run still belongs to its first uid, in the compiled
+    pass as in numpy."""
+    import sys
+
+    import numpy as np
+
+    from pipeline.text_filter import KEY_DTYPE, global_keep_keys
+
+    if not kernel:
+        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+    rows = [(1, 3, 0), (1, 5, 0), (2, 5, 0), (2, 5, 1)]  # (url, uid, label)
+    keys = np.zeros(len(rows), dtype=KEY_DTYPE)
+    keys["url_hi"], keys["uid_lo"], keys["label"] = (np.array(c) for c in zip(*rows))
+    keys["has_url"] = 1
+    idx, counts = global_keep_keys(keys, np.array([0, 0, 1, 1]), TextFilterConfig())
+    # (5, 0) is a repeat (kept in part 0, where URL 1's smallest uid 3 drops it); URL 2's run
+    # belongs to uid 5, so (5, 1) stays.
+    assert idx.tolist() == [0, 3]
+    assert counts["dropped_duplicate_row"] == 1 and counts["dropped_duplicate_url"] == 1
 
 
 def test_sort_keys_equals_lexsort():
