@@ -191,29 +191,44 @@ def _uid_digests(urls: pa.Array, captions: pa.Array) -> np.ndarray:
     return blake2b_128(joined)
 
 
+def _kernels():
+    """:mod:`pipeline._kernels` (numba's compiled loops), or None where numba is missing."""
+    try:
+        return importlib.import_module("pipeline._kernels")
+    except ImportError:
+        return None
+
+
+def _row_bytes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, values)`` of the rows of a string or binary array to hash, nulls as empty
+    (see :func:`pipeline.matcher._buffers`)."""
+    from pipeline.matcher import _buffers
+
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if not len(arr):  # an empty array may have no buffers at all
+        return np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    arr = arr.fill_null("" if pa.types.is_string(arr.type) else b"")
+    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.binary())  # int32 offsets; text-filter batches stay far under 2 GB
+    return _buffers(arr)
+
+
 def blake2b_128(arr: pa.Array) -> np.ndarray:
     """BLAKE2b with a 16-byte digest of each row of a string or binary array (nulls hash as
     empty): ``uint8 [rows, 16]``. numba's kernel where numba imports, else hashlib per row (the
     same bytes, a third of the speed)."""
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    arr = arr.fill_null("" if pa.types.is_string(arr.type) else b"")
-    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
-        arr = arr.cast(pa.binary())  # int32 offsets below; text-filter batches stay far under 2 GB
-    out = np.zeros((len(arr), 16), dtype=np.uint8)
-    if not len(arr):
+    offsets, values = _row_bytes(arr)
+    out = np.zeros((len(offsets) - 1, 16), dtype=np.uint8)
+    if not len(out):
         return out
-    try:
-        _kernels = importlib.import_module("pipeline._kernels")
-    except ImportError:
-        rows = arr.cast(pa.binary()).to_pylist()
-        digest = hashlib.blake2b
-        return np.frombuffer(
-            b"".join([digest(b, digest_size=16).digest() for b in rows]), dtype=np.uint8
-        ).reshape(-1, 16)
-    from pipeline.matcher import _buffers
-
-    offsets, values = _buffers(arr)
-    _kernels.blake2b_128(values, offsets, _kernels.BLAKE2B_IV, out)
+    kernels = _kernels()
+    if kernels is None:
+        digest, bounds = hashlib.blake2b, zip(offsets[:-1].tolist(), offsets[1:].tolist())
+        joined = b"".join(
+            [digest(values[a:b].tobytes(), digest_size=16).digest() for a, b in bounds]
+        )
+        return np.frombuffer(joined, dtype=np.uint8).reshape(-1, 16)
+    kernels.blake2b_128(values, offsets, kernels.BLAKE2B_IV, out)
     return out
 
 
@@ -222,21 +237,12 @@ def murmur3_128(arr: pa.Array) -> np.ndarray:
     empty): ``uint64 [rows, 2]``, the words (h1, h2) that ``mmh3.hash128`` joins into
     ``h2 << 64 | h1``. numba's kernel where numba imports, else the same words from numpy
     vectorised over rows (:func:`_murmur3_128_numpy`)."""
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    arr = arr.fill_null("" if pa.types.is_string(arr.type) else b"")
-    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
-        arr = arr.cast(pa.binary())
-    out = np.zeros((len(arr), 2), dtype=np.uint64)
-    if not len(arr):
-        return out
-    from pipeline.matcher import _buffers
-
-    offsets, values = _buffers(arr)
-    try:
-        _kernels = importlib.import_module("pipeline._kernels")
-    except ImportError:
+    offsets, values = _row_bytes(arr)
+    kernels = _kernels()
+    if kernels is None:
         return _murmur3_128_numpy(values, offsets)
-    _kernels.murmur3_128(values, offsets, out)
+    out = np.zeros((len(offsets) - 1, 2), dtype=np.uint64)
+    kernels.murmur3_128(values, offsets, out)
     return out
 
 
@@ -553,11 +559,10 @@ def scan_file(
     # Contiguous columns: the packed records' fields are unaligned, slow to index.
     hi, lo, lab = (np.ascontiguousarray(keys[f]) for f in ("uid_hi", "uid_lo", "label"))
     order = _sort_keys(hi, lo, lab, np.arange(len(keys)))
-    hi, lo, lab = hi[order], lo[order], lab[order]
-    repeat = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]) & (lab[1:] == lab[:-1])
-    if repeat.any():
-        keep = np.ones(len(keys), dtype=bool)
-        keep[order[1:][repeat]] = False
+    first = _first_of_runs(hi[order], lo[order], lab[order])
+    if not first.all():
+        keep = np.zeros(len(keys), dtype=bool)
+        keep[order[first]] = True
         table, keys = table.filter(pa.array(keep)), keys[keep]
     stats["dropped_duplicate_row"] += stats["rows_matched"] - table.num_rows
     stats["rows_matched"] = table.num_rows
@@ -684,9 +689,8 @@ def global_keep_keys(
     else:
         order = _sort_keys(hi, lo, label, part)  # (uid, label, part)
     kept = np.zeros(n, dtype=bool)  # ascending indices: a mask, cheaper than sorting them
-    try:
-        _kernels = importlib.import_module("pipeline._kernels")
-    except ImportError:
+    kernels = _kernels()
+    if kernels is None:
         # Contiguous columns: the packed records' fields are unaligned, slow to gather from.
         dup_rows, dup_urls = _sorted_keep_numpy(
             order,
@@ -696,7 +700,7 @@ def global_keep_keys(
             kept,
         )
     else:  # one pass instead of a dozen gathers and compares over all matches: a tenth
-        dup_rows, dup_urls = _kernels.sorted_keep(order, keys, cfg.dedup_urls, kept)
+        dup_rows, dup_urls = kernels.sorted_keep(order, keys, cfg.dedup_urls, kept)
     counts["dropped_duplicate_row"] += int(dup_rows)
     if cfg.dedup_urls:
         counts["dropped_duplicate_url"] += int(dup_urls)
@@ -725,8 +729,7 @@ def _sorted_keep_numpy(order, hi, lo, label, url_hi, url_lo, has_url, dedup_urls
     returns (repeated rows, rows dropped by URL)."""
     n = len(order)
     h, lw, lb = hi[order], lo[order], label[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = (h[1:] != h[:-1]) | (lw[1:] != lw[:-1]) | (lb[1:] != lb[:-1])
+    first = _first_of_runs(h, lw, lb)
     dup_rows, dup_urls = n - int(first.sum()), 0
     if dedup_urls and n:
         u_hi, u_lo = url_hi[order], url_lo[order]
@@ -738,6 +741,16 @@ def _sorted_keep_numpy(order, hi, lo, label, url_hi, url_lo, has_url, dedup_urls
         first &= best
     kept[order[first]] = True
     return dup_rows, dup_urls
+
+
+def _first_of_runs(*sorted_keys: np.ndarray) -> np.ndarray:
+    """For rows sorted by ``sorted_keys``: True where a row differs from the one before it in
+    any of them (the first of each run of equal keys)."""
+    first = np.zeros(len(sorted_keys[0]), dtype=bool)
+    first[:1] = True
+    for k in sorted_keys:
+        first[1:] |= k[1:] != k[:-1]
+    return first
 
 
 def _uid_words(uids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -796,25 +809,18 @@ def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
 _HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint16)
 
 
-def _scanned_indices(out: str) -> set[int]:
-    """Indices of the files whose scan is complete (``_scan/part-<i>.stats.json`` exists),
-    from one listing of the scan directory."""
+def _scanned_indices(out: str, indices: list[int]) -> set[int]:
+    """Those of ``indices`` whose scan is complete (the stats file of :func:`_piece_paths`
+    exists, as :func:`scan_file` checks), from one listing of the scan directory."""
     scan = io.join(out, SCAN_DIR)
     if not io.exists(scan):
         return set()
     fs, path = io.url_to_fs(scan)
     fs.invalidate_cache(path)
-    names = fs.ls(path, detail=False)
+    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
     # Object-store filesystems cache the listing; the files written next must not be hidden.
     fs.invalidate_cache(path)
-    done = set()
-    for name in names:
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("part-") and base.endswith(".stats.json"):
-            stem = base[len("part-") : -len(".stats.json")]
-            if stem.isdigit():
-                done.add(int(stem))
-    return done
+    return {i for i in indices if _piece_paths(out, i)[1].rsplit("/", 1)[-1] in names}
 
 
 def _keep_path(out: str, index: int) -> str:
@@ -978,7 +984,7 @@ def run_text_filter(
     sc = spark.sparkContext
     # Files a failed run already scanned (their stats marker exists) cost nothing: grouped by
     # the rows still to scan only.
-    scanned = _scanned_indices(out)
+    scanned = _scanned_indices(out, [i for i, _ in todo])
     pending = {f: file_rows[f] for i, f in todo if i not in scanned}
     groups = task_groups(todo, pending, cfg.task_rows, sc.defaultParallelism)
     t_scan = time.perf_counter()
@@ -1007,11 +1013,7 @@ def run_text_filter(
     from tqdm import tqdm
 
     t_global = time.perf_counter()
-    key_arrays = []
-    for (i, _), r in zip(todo, results):
-        if "bad_file" in r:
-            continue
-        key_arrays.append(np.frombuffer(io.read_bytes(_keys_path(out, i)), dtype=KEY_DTYPE))
+    key_arrays = [np.frombuffer(io.read_bytes(_keys_path(out, i)), dtype=KEY_DTYPE) for i in done]
     keys = np.concatenate(key_arrays) if key_arrays else np.zeros(0, dtype=KEY_DTYPE)
     part_of = np.repeat(np.asarray(done, dtype=np.int64), [len(k) for k in key_arrays])
     part_rows = dict(zip(done, (len(k) for k in key_arrays)))
