@@ -132,41 +132,67 @@ def list_files(
     return sorted(out)
 
 
+class StagedFile:
+    """A file written now and published later: :meth:`commit` makes it appear whole at ``url``
+    (or :meth:`discard` drops it); until then ``url`` is untouched.
+
+    Local files are written under a hidden temporary name in the target's directory; commit
+    fsyncs and renames it. Other filesystems get a local temporary file; commit uploads it
+    with one ``put``. Splitting the write from the commit lets a caller publish from another
+    thread (the fsync's wait, or the upload, overlapping its next piece of work).
+    """
+
+    def __init__(self, url: str, mode: str = "wb", **storage_options: Any) -> None:
+        if mode not in ("wb", "w"):
+            raise ValueError("atomic writes are 'wb' or 'w'")
+        self.url, self.mode = url, mode
+        self._fs, self._path = url_to_fs(url, **storage_options)
+        self._local = is_local(url)
+        if self._local:
+            directory = os.path.dirname(os.path.abspath(self._path)) or "."
+            os.makedirs(directory, exist_ok=True)
+            name = f".{os.path.basename(self._path)}.tmp-{uuid.uuid4().hex[:12]}"
+            self._tmp = os.path.join(directory, name)
+        else:
+            with tempfile.NamedTemporaryFile(suffix=".part", delete=False) as f:
+                self._tmp = f.name
+
+    def open(self) -> IO:
+        """The temporary file, opened for writing (close it before :meth:`commit`)."""
+        return open(self._tmp, self.mode, **({"encoding": "utf-8"} if self.mode == "w" else {}))
+
+    def commit(self) -> None:
+        """Publish the written file at ``url`` (durable first where local: fsync, rename)."""
+        try:
+            if self._local:
+                fd = os.open(self._tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(self._tmp, self._path)
+            else:
+                self._fs.put_file(self._tmp, self._path)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the temporary file, if it is still there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(url: str, mode: str = "wb", **storage_options: Any) -> Iterator[IO]:
-    """Open ``url`` for writing so that it appears whole or not at all.
-
-    Local files are written to a hidden temporary name in the target directory, fsynced and
-    renamed over the target. Other filesystems are written to a local temporary file that is
-    uploaded with one ``put`` when the block exits without error.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError("atomic_open only writes ('wb' or 'w')")
-    fs, path = url_to_fs(url, **storage_options)
-    if is_local(url):
-        directory = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    with tempfile.NamedTemporaryFile(
-        mode, suffix=".part", delete=False, **({"encoding": "utf-8"} if mode == "w" else {})
-    ) as f:
-        tmp = f.name
+    """Open ``url`` for writing so that it appears whole or not at all (a
+    :class:`StagedFile` committed when the block exits without error)."""
+    staged = StagedFile(url, mode, **storage_options)
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+        with staged.open() as f:
             yield f
-        fs.put_file(tmp, path)
+        staged.commit()
     finally:
-        os.unlink(tmp)
+        staged.discard()
 
 
 def write_bytes(url: str, data: bytes, **storage_options: Any) -> None:

@@ -44,6 +44,35 @@ def test_atomic_open_leaves_nothing_on_failure(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
 
 
+def test_staged_file_appears_only_on_commit(tmp_path):
+    target = tmp_path / "out" / "file.bin"
+    io.write_bytes(str(target), b"old")
+    staged = io.StagedFile(str(target))
+    with staged.open() as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"old"  # written, not yet published
+    staged.commit()
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(target.parent)) == ["file.bin"]  # no temporary left
+    dropped = io.StagedFile(str(target))
+    with dropped.open() as f:
+        f.write(b"never")
+    dropped.discard()
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(target.parent)) == ["file.bin"]
+
+
+def test_staged_file_on_s3_is_uploaded_on_commit(s3_bucket):
+    url = io.join(s3_bucket, "d", "file.bin")
+    staged = io.StagedFile(url)
+    with staged.open() as f:
+        f.write(b"payload")
+    assert not io.exists(url)
+    staged.commit()
+    assert io.read_bytes(url) == b"payload"
+    assert not os.path.exists(staged._tmp)
+
+
 def test_markers_and_prepare_output(tmp_path):
     out = str(tmp_path / "stage")
     assert io.prepare_output(out, overwrite=False) is True

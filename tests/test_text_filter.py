@@ -203,6 +203,116 @@ def test_resume_after_failed_run_reuses_scans(tmp_path, dataset_yaml):
     assert not os.path.exists(os.path.join(out, "_scan"))
 
 
+def _three_files(tmp_path):
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        pq.write_table(laion_table(300, CLASSES, seed=i), d / f"p{i}.parquet")
+    return list(enumerate(io.list_files(str(d), suffixes=(".parquet",))))
+
+
+SYNONYMS = {"golden retriever": ["goldie"]}
+
+
+def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatch):
+    """scan_files commits a file (fsync/rename or upload, then its marker) on a background
+    thread: the first file's commit can wait for the second file's scan to start."""
+    import threading
+
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    second_started = threading.Event()
+    overlapped = []
+    real_scan, real_commit = tf.scan_file, io.StagedFile.commit
+
+    def scan(index, *args, **kwargs):
+        if index == 1:
+            second_started.set()
+        return real_scan(index, *args, **kwargs)
+
+    def commit(self):
+        if self.url.endswith("part-00000.parquet"):
+            overlapped.append(second_started.wait(10))  # a synchronous commit waits in vain
+        real_commit(self)
+
+    monkeypatch.setattr(tf, "scan_file", scan)
+    monkeypatch.setattr(io.StagedFile, "commit", commit)
+    out = str(tmp_path / "out")
+    results = tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert overlapped == [True]
+    assert [r["file"] for r in results] == [f for _, f in files]
+    for i in range(3):  # every file published, marker included, when the task returns
+        part, stats = tf._piece_paths(out, i)
+        assert io.exists(part) and io.exists(tf._keys_path(out, i))
+        assert io.read_json(stats) == results[i]
+    # The same bytes as scanning one file at a time, committing before the next.
+    ref = str(tmp_path / "ref")
+    for i, f in files:
+        real_scan(i, f, ref, TextFilterConfig(), CLASSES, SYNONYMS)
+    for i in range(3):
+        for a, b in zip(tf._piece_paths(out, i)[:1] + (tf._keys_path(out, i),),
+                        tf._piece_paths(ref, i)[:1] + (tf._keys_path(ref, i),)):  # fmt: skip
+            assert io.read_bytes(a) == io.read_bytes(b)
+
+
+def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, monkeypatch):
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    real_commit = io.StagedFile.commit
+
+    def commit(self):
+        if self.url.endswith("part-00001.keys"):
+            raise OSError("disk full")
+        real_commit(self)
+
+    monkeypatch.setattr(io.StagedFile, "commit", commit)
+    out = str(tmp_path / "out")
+    with pytest.raises(OSError, match="disk full"):
+        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert io.exists(tf._piece_paths(out, 0)[1])  # the file before it is whole and marked
+    assert not io.exists(tf._piece_paths(out, 1)[1])  # no marker without its keys
+    assert not io.exists(tf._keys_path(out, 1))
+    # Each marker vouches for its own file only: the one after the failure is published.
+    assert io.exists(tf._piece_paths(out, 2)[1]) and io.exists(tf._keys_path(out, 2))
+    assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
+    monkeypatch.setattr(io.StagedFile, "commit", real_commit)
+    rerun = tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    clean = tf.scan_files(files, str(tmp_path / "clean"), TextFilterConfig(), CLASSES, SYNONYMS)
+    strip = [{k: v for k, v in r.items() if k != "timings"} for r in rerun]
+    assert strip == [{k: v for k, v in r.items() if k != "timings"} for r in clean]
+
+
+def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkeypatch):
+    import time as _time
+
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    # The second file's caption pages garbled (its footer still reads).
+    meta = pq.read_metadata(files[1][1])
+    cols = [meta.row_group(0).column(c) for c in range(meta.num_columns)]
+    text = next(c for c in cols if c.path_in_schema == "TEXT")
+    with open(files[1][1], "r+b") as f:
+        f.seek(text.data_page_offset)
+        f.write(b"\xff" * 256)
+    real_commit = io.StagedFile.commit
+
+    def slow_commit(self):
+        _time.sleep(0.3)  # the error is raised long before this commit ends
+        real_commit(self)
+
+    monkeypatch.setattr(io.StagedFile, "commit", slow_commit)
+    out = str(tmp_path / "out")
+    with pytest.raises(io.InputError, match="p1.parquet"):
+        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert io.exists(tf._piece_paths(out, 0)[1])  # published before the task failed
+    assert not io.exists(tf._piece_paths(out, 1)[1])
+
+
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
     from pipeline.synthetic import laion_table
 
