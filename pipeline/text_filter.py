@@ -634,13 +634,12 @@ def scan_files(
     # also when a scan raised, so that the files already scanned keep their markers.
     with ThreadPoolExecutor(1, thread_name_prefix="primer-commit") as pool:
         pending = []
+
+        def publish(step: Callable[[], None]) -> None:
+            pending.append(pool.submit(step))
+
         for index, url in files:
-            results.append(
-                scan_file(
-                    index, url, out, cfg, classes, synonyms,
-                    publish=lambda step: pending.append(pool.submit(step)),
-                )  # fmt: skip
-            )
+            results.append(scan_file(index, url, out, cfg, classes, synonyms, publish=publish))
         for p in pending:
             p.result()
     return results
