@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -311,6 +312,23 @@ def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkey
         tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert io.exists(tf._piece_paths(out, 0)[1])  # published before the task failed
     assert not io.exists(tf._piece_paths(out, 1)[1])
+
+
+def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
+    from pipeline import text_filter as tf
+
+    out = str(tmp_path / "out")
+    files = _three_files(tmp_path)
+    tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    each = [np.frombuffer(io.read_bytes(tf._keys_path(out, i)), tf.KEY_DTYPE) for i in (2, 0)]
+    keys, sizes = tf._read_keys(out, [2, 0])
+    assert sizes == [len(k) for k in each] and all(sizes)
+    assert keys.tobytes() == b"".join(k.tobytes() for k in each)
+    with open(tf._keys_path(out, 1), "ab") as f:
+        f.write(b"x")  # not a whole number of records
+    with pytest.raises(RuntimeError, match="part-00001.keys missing or truncated"):
+        tf._read_keys(out, [0, 1])
+    assert tf._read_keys(out, [])[1] == []
 
 
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
