@@ -156,20 +156,24 @@ class StagedFile:
         else:
             with tempfile.NamedTemporaryFile(suffix=".part", delete=False) as f:
                 self._tmp = f.name
+        self._fd: int | None = None
 
     def open(self) -> IO:
         """The temporary file, opened for writing (close it before :meth:`commit`)."""
-        return open(self._tmp, self.mode, **({"encoding": "utf-8"} if self.mode == "w" else {}))
+        f = open(self._tmp, self.mode, **({"encoding": "utf-8"} if self.mode == "w" else {}))
+        if self._local:
+            # A duplicate of the writing descriptor for commit's fsync: it shares that
+            # descriptor's writeback error state, which a file opened again later may not see.
+            self._fd = os.dup(f.fileno())
+        return f
 
     def commit(self) -> None:
         """Publish the written file at ``url`` (durable first where local: fsync, rename)."""
         try:
             if self._local:
-                fd = os.open(self._tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if self._fd is None:
+                    raise RuntimeError(f"{self.url}: commit before open")
+                os.fsync(self._fd)
                 os.replace(self._tmp, self._path)
             else:
                 self._fs.put_file(self._tmp, self._path)
@@ -178,6 +182,9 @@ class StagedFile:
 
     def discard(self) -> None:
         """Remove the temporary file, if it is still there."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
 

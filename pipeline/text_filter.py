@@ -576,26 +576,10 @@ def scan_file(
     stats["rows_matched"] = table.num_rows
     # Keys in a file of their own, not in the task's result: collected results are capped
     # (spark.driver.maxResultSize, 1 GB by default), and a resumed run finds them here too.
-    staged = [io.StagedFile(part), io.StagedFile(_keys_path(out, index))]
-    try:
-        with staged[0].open() as f:
-            _write_part(table, f)
-        with staged[1].open() as f:
-            f.write(keys.view(np.uint8))  # its bytes, not a copy
-    except BaseException:
-        for s in staged:
-            s.discard()
-        raise
-    timings["write_s"] += time.perf_counter() - t
-    labels, label_counts = np.unique(keys["label"], return_counts=True)
-    result = {
-        "file": url,
-        "counts": dict(stats),
-        "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
-        "timings": {**timings, "total_s": time.perf_counter() - t0},
-    }
+    staged: list[io.StagedFile] = []
 
     def commit() -> None:
+        t = time.perf_counter()
         try:
             for s in staged:  # the part and its keys durable (or uploaded) before the marker
                 s.commit()
@@ -603,12 +587,35 @@ def scan_file(
             for s in staged:  # no temporary left behind by the ones not reached
                 s.discard()
             raise
+        result["timings"]["publish_s"] = time.perf_counter() - t
         io.write_json(stats_url, result)
 
-    if publish is None:
-        commit()
-    else:
-        publish(commit)
+    # Until the commit step is handed over, any error (an interrupt included) discards the
+    # temporaries: on object stores they are local files no rerun would find.
+    try:
+        staged.append(io.StagedFile(part))
+        staged.append(io.StagedFile(_keys_path(out, index)))
+        with staged[0].open() as f:
+            _write_part(table, f)
+        with staged[1].open() as f:
+            f.write(keys.view(np.uint8))  # its bytes, not a copy
+        timings["write_s"] += time.perf_counter() - t
+        labels, label_counts = np.unique(keys["label"], return_counts=True)
+        result = {
+            "file": url,
+            "counts": dict(stats),
+            "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
+            # publish_s, the commit's own time, is added by it (and so is in the marker).
+            "timings": {**timings, "total_s": time.perf_counter() - t0},
+        }
+        if publish is None:
+            commit()
+        else:
+            publish(commit)
+    except BaseException:
+        for s in staged:
+            s.discard()
+        raise
     return result
 
 
@@ -624,24 +631,42 @@ def scan_files(
     Each file's commit (fsync and rename, or upload to an object store, of its part and keys,
     then its stats marker) runs on a background thread while the next file is scanned: on a
     local disk the fsyncs wait about 20 ms per 500k-row file (of some 0.5 s) with the core
-    idle; uploads to an object store wait longer. The task returns once every commit is done, and fails with the first
-    error among them; a file whose commit failed has no marker and is rescanned by a rerun.
+    idle; uploads to an object store wait longer. The task returns once every commit is done.
+    A failed commit stops the task before its next file, with that error; a file whose commit
+    failed has no marker and is rescanned by a rerun. When a scan fails, the commits still
+    pending finish first (the files before it keep their markers), and any of them that
+    failed are logged and noted on the scan's error.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     results = []
-    # One thread: commits run in file order. Leaving the block waits for those still pending,
-    # also when a scan raised, so that the files already scanned keep their markers.
+    pending: list = []
+
+    def raise_failed() -> None:
+        for p in pending:
+            if p.done() and p.exception() is not None:
+                raise p.exception()
+
+    # One thread: commits run in file order.
     with ThreadPoolExecutor(1, thread_name_prefix="primer-commit") as pool:
-        pending = []
 
         def publish(step: Callable[[], None]) -> None:
             pending.append(pool.submit(step))
 
-        for index, url in files:
-            results.append(scan_file(index, url, out, cfg, classes, synonyms, publish=publish))
-        for p in pending:
-            p.result()
+        try:
+            for index, url in files:
+                raise_failed()  # no more work behind a commit that failed (a full disk)
+                results.append(scan_file(index, url, out, cfg, classes, synonyms, publish=publish))
+            wait(pending)
+            raise_failed()
+        except BaseException as e:
+            wait(pending)
+            for p in pending:
+                err = p.exception()
+                if err is not None and err is not e:
+                    log.error("text filter: publishing a scan part failed: %r", err)
+                    e.add_note(f"also, publishing a scan part failed: {err!r}")
+            raise
     return results
 
 
@@ -886,9 +911,12 @@ def _scanned_indices(out: str, indices: list[int]) -> set[int]:
     return {i for i in indices if _piece_paths(out, i)[1].rsplit("/", 1)[-1] in names}
 
 
-def _read_keys(out: str, indices: list[int]) -> tuple[np.ndarray, list[int]]:
+def _read_keys(
+    out: str, indices: list[int], counts: list[int] | None = None
+) -> tuple[np.ndarray, list[int]]:
     """The keys files of scan parts ``indices``, read in that order into one array of
-    :data:`KEY_DTYPE` records; and the number of records of each.
+    :data:`KEY_DTYPE` records; and the number of records of each. ``counts``: the numbers
+    their stats recorded; a file of another size is refused.
 
     The files are read straight into the array (sizes from one listing of the scan directory):
     the driver holds the keys once (reading them as bytes and joining held them twice, and
@@ -899,12 +927,18 @@ def _read_keys(out: str, indices: list[int]) -> tuple[np.ndarray, list[int]]:
     fs, scan = io.url_to_fs(io.join(out, SCAN_DIR))
     fs.invalidate_cache(scan)
     listed = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(scan, detail=True)}
+    fs.invalidate_cache(scan)  # object stores cache listings: later writes must not hide
     names = [_keys_path(out, i).rsplit("/", 1)[-1] for i in indices]
+    want = counts if counts is not None else [None] * len(names)
     sizes = []
-    for name in names:
+    for name, count in zip(names, want):
         n = listed.get(name)
-        if n is None or n % KEY_DTYPE.itemsize:
-            raise RuntimeError(f"text filter: {io.join(out, SCAN_DIR, name)} missing or truncated")
+        expected = n if count is None else count * KEY_DTYPE.itemsize
+        if n is None or n % KEY_DTYPE.itemsize or n != expected:
+            raise RuntimeError(
+                f"text filter: {io.join(out, SCAN_DIR, name)} missing or truncated"
+                + ("" if count is None or n is None else f" ({n} bytes, {count} matches)")
+            )
         sizes.append(int(n))
     buf = np.empty(sum(sizes), dtype=np.uint8)
     view, pos = memoryview(buf), 0
@@ -1007,8 +1041,8 @@ def task_groups(
     within ``task_rows`` rows, by their footers' counts (``rows``: the files still to scan; a
     file missing from it counts as none, as an already scanned one costs nothing).
 
-    Spark spends some 0.1 s setting up each task (seconds where it lands on a cold worker), so
-    a task per small file wastes a large share of the time. No group holds more than an even
+    Spark spends 0.15-0.2 s between one task and the next on a worker here (seconds where a
+    task lands on a cold worker), so a task per small file wastes a large share of the time. No group holds more than an even
     share of the rows per core (``parallelism``) either, so grouping does not leave cores idle
     (Spark packs small files into partitions by the same rule); only a single file larger than
     that, which is never split, makes a bigger task. Each file keeps its own scan part and
@@ -1109,7 +1143,8 @@ def run_text_filter(
     from tqdm import tqdm
 
     t_global = time.perf_counter()
-    keys, sizes = _read_keys(out, done)
+    matched = [int(r["counts"]["rows_matched"]) for r in results if "bad_file" not in r]
+    keys, sizes = _read_keys(out, done, matched)
     part_of = np.repeat(np.asarray(done, dtype=np.int64), sizes)
     part_rows = dict(zip(done, sizes))
     kept, gcounts = global_keep_keys(keys, part_of, cfg)
@@ -1164,6 +1199,8 @@ def run_text_filter(
             "task_read_s": round(timings.get("read_s", 0.0), 3),
             "task_match_s": round(timings.get("match_s", 0.0), 3),
             "task_write_s": round(timings.get("write_s", 0.0), 3),
+            # fsync and rename (or upload) of the parts and keys, beside the scanning.
+            "task_publish_s": round(timings.get("publish_s", 0.0), 3),
             # Summed over tasks, and the slowest one (the scan's wall time cannot beat it).
             "task_total_s": round(timings.get("total_s", 0.0), 3),
             "task_max_s": round(

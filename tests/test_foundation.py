@@ -62,6 +62,23 @@ def test_staged_file_appears_only_on_commit(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
 
 
+def test_staged_file_fsyncs_through_the_writing_descriptor(tmp_path, monkeypatch):
+    """Commit's fsync uses a duplicate of the descriptor the data was written through (it
+    shares its writeback errors; a descriptor opened at commit time may not see them)."""
+    dups, synced = [], []
+    real_dup, real_fsync = os.dup, os.fsync
+    monkeypatch.setattr(os, "dup", lambda fd: dups.append(real_dup(fd)) or dups[-1])
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    staged = io.StagedFile(str(tmp_path / "f.bin"))
+    with staged.open() as f:
+        f.write(b"x")
+    staged.commit()
+    assert synced == dups and len(dups) == 1
+    assert staged._fd is None  # the duplicate closed by the commit
+    with pytest.raises(RuntimeError, match="commit before open"):
+        io.StagedFile(str(tmp_path / "g.bin")).commit()
+
+
 def test_staged_file_on_s3_is_uploaded_on_commit(s3_bucket):
     url = io.join(s3_bucket, "d", "file.bin")
     staged = io.StagedFile(url)

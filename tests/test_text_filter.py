@@ -277,8 +277,10 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
     assert io.exists(tf._piece_paths(out, 0)[1])  # the file before it is whole and marked
     assert not io.exists(tf._piece_paths(out, 1)[1])  # no marker without its keys
     assert not io.exists(tf._keys_path(out, 1))
-    # Each marker vouches for its own file only: the one after the failure is published.
-    assert io.exists(tf._piece_paths(out, 2)[1]) and io.exists(tf._keys_path(out, 2))
+    # Each marker vouches for its own file only: the one after the failure is published
+    # whole or not at all (the task stops before it if the failure came first).
+    marked = io.exists(tf._piece_paths(out, 2)[1])
+    assert marked == io.exists(tf._keys_path(out, 2)) == io.exists(tf._piece_paths(out, 2)[0])
     assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
     monkeypatch.setattr(io.StagedFile, "commit", real_commit)
     rerun = tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
@@ -287,19 +289,58 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
     assert strip == [{k: v for k, v in r.items() if k != "timings"} for r in clean]
 
 
+def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    failed = threading.Event()
+    scanned = []
+    real_scan, real_commit = tf.scan_file, io.StagedFile.commit
+
+    def commit(self):
+        if self.url.endswith("part-00000.parquet"):
+            failed.set()
+            raise OSError("disk full")
+        real_commit(self)
+
+    def scan(index, *args, **kwargs):
+        scanned.append(index)
+        result = real_scan(index, *args, **kwargs)
+        if index == 1:
+            assert failed.wait(10)  # file 0's commit has failed by the time file 1 is done
+        return result
+
+    monkeypatch.setattr(io.StagedFile, "commit", commit)
+    monkeypatch.setattr(tf, "scan_file", scan)
+    out = str(tmp_path / "out")
+    with pytest.raises(OSError, match="disk full"):
+        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert scanned == [0, 1]  # file 2 never scanned
+    assert not io.exists(tf._piece_paths(out, 0)[1])
+    assert io.exists(tf._piece_paths(out, 1)[1])  # already handed over: published
+    assert not io.exists(tf._piece_paths(out, 2)[1])
+    assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
+
+
+def _garble_captions(path):
+    """The file's caption pages garbled; its footer still reads."""
+    meta = pq.read_metadata(path)
+    cols = [meta.row_group(0).column(c) for c in range(meta.num_columns)]
+    text = next(c for c in cols if c.path_in_schema == "TEXT")
+    with open(path, "r+b") as f:
+        f.seek(text.data_page_offset)
+        f.write(b"\xff" * 256)
+
+
 def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkeypatch):
     import time as _time
 
     from pipeline import text_filter as tf
 
     files = _three_files(tmp_path)
-    # The second file's caption pages garbled (its footer still reads).
-    meta = pq.read_metadata(files[1][1])
-    cols = [meta.row_group(0).column(c) for c in range(meta.num_columns)]
-    text = next(c for c in cols if c.path_in_schema == "TEXT")
-    with open(files[1][1], "r+b") as f:
-        f.seek(text.data_page_offset)
-        f.write(b"\xff" * 256)
+    _garble_captions(files[1][1])
     real_commit = io.StagedFile.commit
 
     def slow_commit(self):
@@ -312,6 +353,25 @@ def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkey
         tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert io.exists(tf._piece_paths(out, 0)[1])  # published before the task failed
     assert not io.exists(tf._piece_paths(out, 1)[1])
+
+
+def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monkeypatch, caplog):
+    import time as _time
+
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    _garble_captions(files[1][1])
+
+    def failing_commit(self):
+        _time.sleep(0.3)  # still running when the next file's scan fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.StagedFile, "commit", failing_commit)
+    with pytest.raises(io.InputError, match="p1.parquet") as err:
+        tf.scan_files(files, str(tmp_path / "out"), TextFilterConfig(), CLASSES, SYNONYMS)
+    assert any("disk full" in n for n in getattr(err.value, "__notes__", []))
+    assert "disk full" in caplog.text
 
 
 def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
@@ -329,6 +389,9 @@ def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="part-00001.keys missing or truncated"):
         tf._read_keys(out, [0, 1])
     assert tf._read_keys(out, [])[1] == []
+    with pytest.raises(RuntimeError, match="part-00000.keys missing or truncated"):
+        tf._read_keys(out, [0], [sizes[1] + 1])  # a whole record short of its stats' count
+    assert tf._read_keys(out, [2, 0], sizes)[1] == sizes
 
 
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
