@@ -1042,10 +1042,10 @@ def task_groups(
     file missing from it counts as none, as an already scanned one costs nothing).
 
     Spark spends 0.15-0.2 s between one task and the next on a worker here (seconds where a
-    task lands on a cold worker), so a task per small file wastes a large share of the time. No group holds more than an even
-    share of the rows per core (``parallelism``) either, so grouping does not leave cores idle
-    (Spark packs small files into partitions by the same rule); only a single file larger than
-    that, which is never split, makes a bigger task. Each file keeps its own scan part and
+    task lands on a cold worker), so a task per small file wastes a large share of the time.
+    No group holds more than an even share of the rows per core (``parallelism``) either, so
+    grouping does not leave cores idle (Spark packs small files into partitions by the same
+    rule); only a single file larger than that, which is never split, makes a bigger task. Each file keeps its own scan part and
     resume marker either way. ``task_rows`` 0: a task per file.
     """
     if task_rows <= 0 or len(todo) <= 1:
