@@ -497,11 +497,8 @@ def _open_input(url: str):
     """An input file for reading: Arrow's own file for a local path (column chunks read
     straight into Arrow buffers; through a Python file object each read is copied once more,
     a tenth of the read time), else the fsspec file."""
-    if io.is_local(url):
-        _, path = io.url_to_fs(url)
-        return pa.OSFile(path, "rb")
     fs, path = io.url_to_fs(url)
-    return fs.open(path, "rb")
+    return pa.OSFile(path, "rb") if io.is_local(url) else fs.open(path, "rb")
 
 
 def scan_file(
@@ -583,10 +580,9 @@ def scan_file(
         try:
             for s in staged:  # the part and its keys durable (or uploaded) before the marker
                 s.commit()
-        except BaseException:
-            for s in staged:  # no temporary left behind by the ones not reached
+        finally:
+            for s in staged:  # no temporary left behind by one not reached (a no-op if done)
                 s.discard()
-            raise
         result["timings"]["publish_s"] = time.perf_counter() - t
         io.write_json(stats_url, result)
 
@@ -897,17 +893,24 @@ def _sort_keys(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
 _HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), dtype=np.uint16)
 
 
+def _scan_listing(out: str) -> dict[str, int]:
+    """The files of the scan directory, name -> size in bytes, from one fresh listing (empty
+    where the directory does not exist)."""
+    scan = io.join(out, SCAN_DIR)
+    if not io.exists(scan):
+        return {}
+    fs, path = io.url_to_fs(scan)
+    fs.invalidate_cache(path)
+    listed = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(path, detail=True)}
+    # Object-store filesystems cache the listing; the files written next must not be hidden.
+    fs.invalidate_cache(path)
+    return listed
+
+
 def _scanned_indices(out: str, indices: list[int]) -> set[int]:
     """Those of ``indices`` whose scan is complete (the stats file of :func:`_piece_paths`
     exists, as :func:`scan_file` checks), from one listing of the scan directory."""
-    scan = io.join(out, SCAN_DIR)
-    if not io.exists(scan):
-        return set()
-    fs, path = io.url_to_fs(scan)
-    fs.invalidate_cache(path)
-    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
-    # Object-store filesystems cache the listing; the files written next must not be hidden.
-    fs.invalidate_cache(path)
+    names = _scan_listing(out)
     return {i for i in indices if _piece_paths(out, i)[1].rsplit("/", 1)[-1] in names}
 
 
@@ -924,22 +927,23 @@ def _read_keys(
     """
     if not indices:
         return np.zeros(0, dtype=KEY_DTYPE), []
-    fs, scan = io.url_to_fs(io.join(out, SCAN_DIR))
-    fs.invalidate_cache(scan)
-    listed = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(scan, detail=True)}
-    fs.invalidate_cache(scan)  # object stores cache listings: later writes must not hide
+    listed = _scan_listing(out)
     names = [_keys_path(out, i).rsplit("/", 1)[-1] for i in indices]
-    want = counts if counts is not None else [None] * len(names)
     sizes = []
-    for name, count in zip(names, want):
+    for k, name in enumerate(names):
         n = listed.get(name)
-        expected = n if count is None else count * KEY_DTYPE.itemsize
-        if n is None or n % KEY_DTYPE.itemsize or n != expected:
+        count = None if counts is None else counts[k]
+        if (
+            n is None
+            or n % KEY_DTYPE.itemsize
+            or (count is not None and n != count * KEY_DTYPE.itemsize)
+        ):
             raise RuntimeError(
                 f"text filter: {io.join(out, SCAN_DIR, name)} missing or truncated"
                 + ("" if count is None or n is None else f" ({n} bytes, {count} matches)")
             )
         sizes.append(int(n))
+    fs, scan = io.url_to_fs(io.join(out, SCAN_DIR))
     buf = np.empty(sum(sizes), dtype=np.uint8)
     view, pos = memoryview(buf), 0
     for name, n in zip(names, sizes):
