@@ -861,3 +861,34 @@ def test_uid_words_are_the_uids_value_and_refuse_anything_else():
     for bad in (["A" * 32], ["g" * 32], ["0" * 31], [None]):
         with pytest.raises(ValueError):
             _uid_words(pa.array(bad, pa.string()))
+
+
+def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spark):
+    """PySpark's daemon runs gc.collect() after every task in a reused worker; once a worker
+    has scanned, its loaded objects are frozen, so that collection walks only what later
+    tasks leave. scan_files outside a Spark task (driver, tests) freezes nothing."""
+    import gc
+
+    from pipeline import text_filter as tf
+
+    files = _three_files(tmp_path)
+    out = str(tmp_path / "out")
+
+    def probe(group):
+        import gc
+
+        from pipeline import text_filter as tf
+
+        tf.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        frozen = gc.get_freeze_count()
+        tf.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)  # resumed: no work
+        return [(frozen, gc.get_freeze_count())]
+
+    (frozen, again), = (
+        spark.sparkContext.parallelize([files[:1]], 1).flatMap(probe).collect()
+    )  # fmt: skip
+    assert frozen > 10_000  # the worker's modules, kernels and matcher
+    assert again == frozen  # once per worker
+    before = gc.get_freeze_count()
+    tf.scan_files(files[1:], out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert gc.get_freeze_count() == before == 0
