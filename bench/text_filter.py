@@ -2,6 +2,7 @@
 
     python bench/text_filter.py            # 2M captions, 1000 ImageNet class names (~3 min)
     python bench/text_filter.py --quick    # 200k captions (< 1 min)
+    python bench/text_filter.py --files 16 --task-rows 0   # the same rows in 16 files, a task each
 
 Rows: a bare pyarrow read of the caption column (the floor); the matcher alone on one core,
 with each installed engine (its one-off start, numba's kernel load or compile included, is
@@ -32,6 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rows", type=int)
+    ap.add_argument("--files", type=int, default=4, help="input files the rows are split into")
+    ap.add_argument(
+        "--task-rows", type=int, help="filter.task_rows for the end-to-end job (0: a task per file)"
+    )
     args = ap.parse_args()
     n = args.rows or (200_000 if args.quick else 2_000_000)
     logging.basicConfig(level=logging.WARNING)
@@ -41,16 +46,17 @@ def main() -> None:
     classes = list(load_dataset("ImageNet").classes)
     tmp = tempfile.mkdtemp(prefix="primer-bench-filter-")
     try:
-        run(n, args.quick, classes, tmp)
+        run(n, args.quick, classes, tmp, args.files, args.task_rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
+def run(
+    n: int, quick: bool, classes: list[str], tmp: str, files: int, task_rows: int | None
+) -> None:
     from pipeline.matcher import ENGINES, Matcher
     from pipeline.synthetic import laion_table, make_captions
 
-    files = 4
     meta = os.path.join(tmp, "meta")
     os.makedirs(meta)
     t0 = time.perf_counter()
@@ -113,6 +119,8 @@ def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
     from pipeline.spark import get_spark
     from pipeline.text_filter import TextFilterConfig, run_text_filter
 
+    cfg = TextFilterConfig() if task_rows is None else TextFilterConfig(task_rows=task_rows)
+
     spark = get_spark("local[2]", app_name="bench")
     # Warm-up, as a long job is warm: Spark's Python workers started with their imports (one
     # file per local core, so that both start), and the JVM's JIT compilers done with the
@@ -140,7 +148,7 @@ def run(n: int, quick: bool, classes: list[str], tmp: str) -> None:
     for k in range(1 if quick else 5):
         out = os.path.join(tmp, f"out{k}")
         t0 = time.perf_counter()
-        stats = run_text_filter(TextFilterConfig(), "ImageNet", meta, out)
+        stats = run_text_filter(cfg, "ImageNet", meta, out)
         runs.append((time.perf_counter() - t0, stats))
         shutil.rmtree(out)
         t0 = time.perf_counter()
