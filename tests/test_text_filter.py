@@ -291,28 +291,39 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
 
 def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypatch):
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from pipeline import text_filter as tf
 
     files = _three_files(tmp_path)
-    failed = threading.Event()
+    second_started, failed = threading.Event(), threading.Event()
     scanned = []
     real_scan, real_commit = tf.scan_file, io.StagedFile.commit
+    real_submit = ThreadPoolExecutor.submit
 
     def commit(self):
         if self.url.endswith("part-00000.parquet"):
-            failed.set()
+            second_started.wait(10)  # fails while file 1 is scanned, not before it starts
             raise OSError("disk full")
         real_commit(self)
 
+    def submit(pool, fn, *args, **kwargs):
+        future = real_submit(pool, fn, *args, **kwargs)
+        # Set once the failure is recorded on the future (a callback runs after that).
+        future.add_done_callback(lambda f: f.exception() is not None and failed.set())
+        return future
+
     def scan(index, *args, **kwargs):
         scanned.append(index)
+        if index == 1:
+            second_started.set()
         result = real_scan(index, *args, **kwargs)
         if index == 1:
             assert failed.wait(10)  # file 0's commit has failed by the time file 1 is done
         return result
 
     monkeypatch.setattr(io.StagedFile, "commit", commit)
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
     monkeypatch.setattr(tf, "scan_file", scan)
     out = str(tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
