@@ -157,10 +157,12 @@ class StagedFile:
             with tempfile.NamedTemporaryFile(suffix=".part", delete=False) as f:
                 self._tmp = f.name
         self._fd: int | None = None
+        self._opened = False
 
     def open(self) -> IO:
         """The temporary file, opened for writing (close it before :meth:`commit`)."""
         f = open(self._tmp, self.mode, **({"encoding": "utf-8"} if self.mode == "w" else {}))
+        self._opened = True
         if self._local:
             # A duplicate of the writing descriptor for commit's fsync: it shares that
             # descriptor's writeback error state, which a file opened again later may not see.
@@ -170,9 +172,10 @@ class StagedFile:
     def commit(self) -> None:
         """Publish the written file at ``url`` (durable first where local: fsync, rename)."""
         try:
+            # Never publish the empty temporary (an object store's is created up front).
+            if not self._opened:
+                raise RuntimeError(f"{self.url}: commit before open")
             if self._local:
-                if self._fd is None:
-                    raise RuntimeError(f"{self.url}: commit before open")
                 os.fsync(self._fd)
                 os.replace(self._tmp, self._path)
             else:
@@ -181,7 +184,8 @@ class StagedFile:
             self.discard()
 
     def discard(self) -> None:
-        """Remove the temporary file, if it is still there."""
+        """Remove the temporary file, if it is still there (nothing is left to commit)."""
+        self._opened = False
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -88,6 +88,11 @@ def test_staged_file_on_s3_is_uploaded_on_commit(s3_bucket):
     staged.commit()
     assert io.read_bytes(url) == b"payload"
     assert not os.path.exists(staged._tmp)
+    never_opened = io.StagedFile(io.join(s3_bucket, "d", "empty.bin"))
+    with pytest.raises(RuntimeError, match="commit before open"):
+        never_opened.commit()
+    assert not io.exists(io.join(s3_bucket, "d", "empty.bin"))
+    assert not os.path.exists(never_opened._tmp)
 
 
 def test_markers_and_prepare_output(tmp_path):
