@@ -347,6 +347,13 @@ def test_each_stage_killed_part_way_resumes_to_the_same_output(demo_run, port, t
     before = set(os.listdir(out))
     exe = os.path.join(os.path.dirname(sys.executable), "primer")
     cmd = [exe, "demo", "--out", run, "--port", str(port), "--rows", str(ROWS)]
+
+    def listing() -> set[str]:
+        try:  # the stage may remove its output directory between any two calls
+            return set(os.listdir(out))
+        except FileNotFoundError:
+            return set()
+
     # Two kills: the first into the redone stage, the second into its resumed run.
     for attempt in range(2):
         proc = subprocess.Popen(
@@ -355,19 +362,21 @@ def test_each_stage_killed_part_way_resumes_to_the_same_output(demo_run, port, t
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # The stage has started once its output differs from what was there before it
-        # (the overwrite clears it; a resumed run adds to it).
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            now = set(os.listdir(out)) if os.path.isdir(out) else set()
-            if now != before and "_SUCCESS" not in now:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))
-        with contextlib.suppress(ProcessLookupError):  # a fast stage may already have finished
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        now = set(os.listdir(out)) if os.path.isdir(out) else set()
+        try:
+            # The stage has started once its output differs from what was there before it
+            # (the overwrite clears it; a resumed run adds to it).
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None:
+                now = listing()
+                if now != before and "_SUCCESS" not in now:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:  # never left running (its image server would hold the port for later tests)
+            with contextlib.suppress(ProcessLookupError):  # a fast stage may have finished
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        now = listing()
         if "_SUCCESS" in now:
             break  # it finished before the kill; it is checked below like any output
         before = now
