@@ -3,6 +3,7 @@
     python bench/text_filter.py            # 2M captions, 1000 ImageNet class names (~3 min)
     python bench/text_filter.py --quick    # 200k captions (< 1 min)
     python bench/text_filter.py --files 16 --task-rows 0   # the same rows in 16 files, a task each
+    python bench/text_filter.py --files 1 --split-rows 1000000   # one file, scanned in 2 pieces
 
 Rows: a bare pyarrow read of the caption column (the floor); the matcher alone on one core,
 with each installed engine (its one-off start, numba's kernel load or compile included, is
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument(
         "--task-rows", type=int, help="filter.task_rows for the end-to-end job (0: a task per file)"
     )
+    ap.add_argument(
+        "--split-rows", type=int, help="filter.split_rows for the end-to-end job (0: never split)"
+    )
     args = ap.parse_args()
     n = args.rows or (200_000 if args.quick else 2_000_000)
     logging.basicConfig(level=logging.WARNING)
@@ -46,13 +50,19 @@ def main() -> None:
     classes = list(load_dataset("ImageNet").classes)
     tmp = tempfile.mkdtemp(prefix="primer-bench-filter-")
     try:
-        run(n, args.quick, classes, tmp, args.files, args.task_rows)
+        run(n, args.quick, classes, tmp, args.files, args.task_rows, args.split_rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(
-    n: int, quick: bool, classes: list[str], tmp: str, files: int, task_rows: int | None
+    n: int,
+    quick: bool,
+    classes: list[str],
+    tmp: str,
+    files: int,
+    task_rows: int | None,
+    split_rows: int | None,
 ) -> None:
     from pipeline.matcher import ENGINES, Matcher
     from pipeline.synthetic import laion_table, make_captions
@@ -119,7 +129,8 @@ def run(
     from pipeline.spark import get_spark
     from pipeline.text_filter import TextFilterConfig, run_text_filter
 
-    cfg = TextFilterConfig() if task_rows is None else TextFilterConfig(task_rows=task_rows)
+    settings = {"task_rows": task_rows, "split_rows": split_rows}
+    cfg = TextFilterConfig(**{k: v for k, v in settings.items() if v is not None})
 
     spark = get_spark("local[2]", app_name="bench")
     # Warm-up, as a long job is warm: Spark's Python workers started with their imports (one
@@ -163,7 +174,7 @@ def run(
     # job approaches once Spark's fixed cost per job (~0.15 s here) and the driver's are spread.
     in_tasks = n / (t["task_total_s"] / 2) / 1e6
     note = (
-        f"{stats['rows_matched']:,} kept; {stats['scan_tasks']} tasks, scan {t['scan_wall_s']:.1f} s "
+        f"{stats['rows_matched']:,} kept; {stats['scan_units']} units in {stats['scan_tasks']} tasks, scan {t['scan_wall_s']:.1f} s "
         f"(in tasks {in_tasks:.2f}M/s), global {t['global_s']:.1f} s{spread}"
     )
     add("primer filter, local[2]", n, seconds, note)

@@ -1,13 +1,15 @@
 """Stage 1: keep the LAION rows whose captions name a target class (Spark over parquet).
 
 How it runs: the driver lists the input files and checks every file's schema from its parquet
-footer (a missing column fails at once, naming the file). Spark distributes the files to tasks
-(consecutive small files share a task, :func:`task_groups`); each task reads its files one at a
-time with pyarrow (Arrow's own file where local, else fsspec: ``s3://``, ``hf://``, any fsspec
-URL), in record batches of the needed columns only, matches a whole batch at a time
-(:mod:`pipeline.matcher`), applies the row-local filters (size, safety, similarity, caption
-length) and writes its matches to ``<out>/_scan/part-<file index>.parquet`` with per-file
-stats next to it. A rerun reuses the scan parts that exist, so a killed job resumes.
+footer (a missing column fails at once, naming the file). The scan's units are the files, a
+file of more than ``split_rows`` rows cut into runs of whole row groups (:func:`plan_units`);
+Spark distributes them to tasks (consecutive small units share a task, :func:`task_groups`);
+each task reads its units one at a time with pyarrow (Arrow's own file where local, else
+fsspec: ``s3://``, ``hf://``, any fsspec URL), in record batches of the needed columns only,
+matches a whole batch at a time (:mod:`pipeline.matcher`), applies the row-local filters (size,
+safety, similarity, caption length) and writes its matches to
+``<out>/_scan/part-<unit index>.parquet`` with the unit's stats next to it. A rerun reuses the
+scan parts that exist, so a killed job resumes.
 
 The global filters run after the scan, on the driver, in numpy: each task also writes the
 keys of its matches to ``_scan/part-<index>.keys`` (uid and a MurmurHash3-128 digest of the URL
@@ -16,12 +18,12 @@ driver memory). A row found in several input files is kept once; URL de-duplicat
 row of the smallest uid of each URL; the per-class cap keeps the ``max_per_class`` rows with
 the smallest seeded hash of their uid (:func:`cap_hash`: a pseudo-random sample, not the first
 rows in file order). A scan part that loses no rows is already final (rows in file order, each
-(uid, label) once) and is hard-linked (or copied) into place as ``part-<file index>.parquet``; for
+(uid, label) once) and is hard-linked (or copied) into place as ``part-<unit index>.parquet``; for
 the others the driver writes the numbers of the surviving rows to ``_scan/keep-<index>.rows``
 and Spark tasks rewrite them. Either way the same input and config give the same files, byte
 for byte.
 
-Output at ``--out``: ``part-<file index>.parquet`` (see docs/architecture.md for the columns),
+Output at ``--out``: ``part-<unit index>.parquet`` (see docs/architecture.md for the columns),
 ``_stats.json``, ``_config.json`` and ``_SUCCESS`` last. The JSON files carry a leading
 underscore so that ``pyarrow.dataset.dataset(out)`` (which skips ``_``/``.`` names) reads the
 parquet parts alone; a plain ``stats.json`` there makes it fail.
@@ -42,6 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -74,8 +77,9 @@ OPTIONAL_TYPES = {
 }
 SCAN_DIR = "_scan"
 # The layout of the scan parts and their keys files; a failed run's scans of another layout are
-# not reused. 2: URL keys are MurmurHash3-128 (BLAKE2b-128 before).
-SCAN_FORMAT = 2
+# not reused. 2: URL keys are MurmurHash3-128 (BLAKE2b-128 before). 3: a part per scan unit
+# (a file, or a run of a large file's row groups), numbered in input order.
+SCAN_FORMAT = 3
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
 STATS = "_stats.json"
 CONFIG = "_config.json"
@@ -87,6 +91,9 @@ class TextFilterConfig:
 
     Size/safety filters are off at their defaults (0 / 1.0 / 0). ``max_per_class`` 0 keeps
     every match. ``columns`` maps canonical names to the source column names to try.
+    ``split_rows``: a file of more rows is scanned in pieces of whole row groups, about that many
+    rows each (0: never split); ``task_rows``: consecutive small pieces share a Spark task up to
+    that many rows (0: a task per piece). See :func:`split_row_groups` and :func:`task_groups`.
     """
 
     columns: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_COLUMNS.items()})
@@ -103,6 +110,7 @@ class TextFilterConfig:
     batch_rows: int = 65536
     engine: str = "auto"
     task_rows: int = 4_000_000
+    split_rows: int = 4_000_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -116,11 +124,22 @@ class TextFilterConfig:
         if self.batch_rows < 1:
             problems.append("batch_rows must be >= 1")
         if self.task_rows < 0:
-            problems.append("task_rows must be >= 0 (0 = a task per file)")
+            problems.append("task_rows must be >= 0 (0 = a task per scan unit)")
+        if self.split_rows < 0:
+            problems.append("split_rows must be >= 0 (0 = never split a file)")
         if self.engine != "auto" and self.engine not in ENGINES:
             problems.append("engine must be auto or one of " + ", ".join(ENGINES))
         if problems:
             raise ValueError("; ".join(problems))
+
+
+class ScanUnit(NamedTuple):
+    """One piece of the scan: a whole input file, or a run of its row groups. ``index`` names
+    its scan part and final part (``part-<index>``); units are numbered in input order."""
+
+    index: int
+    url: str
+    row_groups: tuple[int, int] | None = None  # [lo, hi) of the file's row groups; None: all
 
 
 def resolve_columns(schema: pa.Schema, mapping: dict, where: str) -> dict[str, str]:
@@ -452,7 +471,7 @@ def _empty_output(cols: dict[str, str]) -> pa.Table:
     return _output_schema(cols).empty_table()
 
 
-# ---------------------------------------------------------------------- per-file task
+# ---------------------------------------------------------------------- scan tasks
 
 
 def _write_part(table: pa.Table, f) -> None:
@@ -510,8 +529,10 @@ def scan_file(
     classes: list[str],
     synonyms: dict,
     publish: Callable[[Callable[[], None]], None] | None = None,
+    row_groups: tuple[int, int] | None = None,
 ) -> dict:
-    """Scan one input file into ``<out>/_scan/part-<index>.parquet`` and return its stats.
+    """Scan one input file, or its row groups ``[lo, hi)`` (``row_groups``), into
+    ``<out>/_scan/part-<index>.parquet`` and return its stats.
 
     Reuses a completed scan part (its stats file is written after the part and its keys). With
     ``skip_bad_files`` an unreadable file is reported in the stats instead of raising.
@@ -521,6 +542,7 @@ def scan_file(
     part, stats_url = _piece_paths(out, index)
     if io.exists(stats_url):
         return io.read_json(stats_url)
+    where = url if row_groups is None else f"{url} (row groups {row_groups[0]}-{row_groups[1] - 1})"
     t0 = time.perf_counter()
     stats: Counter = Counter()
     timings = {"read_s": 0.0, "match_s": 0.0, "write_s": 0.0}
@@ -532,7 +554,11 @@ def scan_file(
         with _open_input(url) as fh:
             pf = pq.ParquetFile(fh)
             cols = resolve_columns(pf.schema_arrow, cfg.columns, url)
-            batches = pf.iter_batches(batch_size=cfg.batch_rows, columns=sorted(set(cols.values())))
+            batches = pf.iter_batches(
+                batch_size=cfg.batch_rows,
+                row_groups=None if row_groups is None else range(*row_groups),
+                columns=sorted(set(cols.values())),
+            )
             while True:
                 t = time.perf_counter()
                 try:
@@ -547,14 +573,16 @@ def scan_file(
                     tables.append(table)
                     uid_digests.append(digests)
                 except Exception as e:  # not a read error: never skipped as a bad file
-                    raise RuntimeError(f"{url}: text filter failed on a batch: {e!r}") from e
+                    raise RuntimeError(f"{where}: text filter failed on a batch: {e!r}") from e
                 timings["match_s"] += time.perf_counter() - t
     except io.InputError:
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         if not cfg.skip_bad_files:
-            raise io.InputError(f"{url}: cannot read parquet ({type(e).__name__}: {e})") from e
+            raise io.InputError(f"{where}: cannot read parquet ({type(e).__name__}: {e})") from e
         result = {"file": url, "bad_file": f"{type(e).__name__}: {e}"}
+        if row_groups is not None:
+            result["row_groups"] = list(row_groups)
         io.write_json(stats_url, result)
         return result
     table = pa.concat_tables(tables) if tables else _empty_output(cols)
@@ -600,6 +628,7 @@ def scan_file(
         labels, label_counts = np.unique(keys["label"], return_counts=True)
         result = {
             "file": url,
+            **({} if row_groups is None else {"row_groups": list(row_groups)}),
             "counts": dict(stats),
             "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
             # publish_s, the commit's own time, is added by it (and so is in the marker).
@@ -617,13 +646,14 @@ def scan_file(
 
 
 def scan_files(
-    files: list[tuple[int, str]],
+    files: list[ScanUnit] | list[tuple[int, str]],
     out: str,
     cfg: TextFilterConfig,
     classes: list[str],
     synonyms: dict,
 ) -> list[dict]:
-    """:func:`scan_file` over one task's ``(index, url)`` files in order; their stats.
+    """:func:`scan_file` over one task's scan units (:class:`ScanUnit`, or ``(index, url)``
+    for whole files) in order; their stats.
 
     Each file's commit (fsync and rename, or upload to an object store, of its part and keys,
     then its stats marker) runs on a background thread while the next file is scanned: on a
@@ -651,9 +681,14 @@ def scan_files(
             pending.append(pool.submit(step))
 
         try:
-            for index, url in files:
+            for unit in files:
                 raise_failed()  # no more work behind a commit that failed (a full disk)
-                results.append(scan_file(index, url, out, cfg, classes, synonyms, publish=publish))
+                index, url, *rest = unit
+                results.append(
+                    scan_file(
+                        index, url, out, cfg, classes, synonyms, publish, rest[0] if rest else None
+                    )
+                )
             wait(pending)
             raise_failed()
             _freeze_worker_heap()
@@ -1026,9 +1061,9 @@ def _publish_part(index: int, out: str) -> None:
 
 def check_inputs(
     files: list[str], cfg: TextFilterConfig
-) -> tuple[list[str], dict[str, str], dict[str, int]]:
+) -> tuple[list[str], dict[str, str], dict[str, list[int]]]:
     """Read every file's footer; returns (readable files, bad files -> reason, readable files ->
-    row count).
+    the row count of each of their row groups).
 
     A missing required column always raises; an unreadable footer raises unless
     ``skip_bad_files``. Footers are read by a thread pool (thousands of files on an object
@@ -1043,7 +1078,8 @@ def check_inputs(
             fs, path = io.url_to_fs(f)
             with fs.open(path, "rb") as fh:
                 meta = pq.read_metadata(fh)
-            return meta.schema.to_arrow_schema(), meta.num_rows
+            groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            return meta.schema.to_arrow_schema(), groups
         except Exception as e:
             return e
 
@@ -1067,29 +1103,77 @@ def check_inputs(
     return good, bad, rows
 
 
+def split_row_groups(sizes: list[int], split_rows: int) -> list[tuple[int, int] | None]:
+    """The row-group runs ``[lo, hi)`` a file of row groups of ``sizes`` rows is scanned in:
+    ``[None]`` (the whole file) when it holds at most ``split_rows`` rows (or 0: never split),
+    else ``k = ceil(rows / split_rows)`` runs cut at the row-group boundaries nearest to even
+    shares, so the pieces are about equal. A row group is never cut, so a single large one is
+    a piece of its own, and a file of one row group is never split.
+
+    Only the footer decides it, never the cluster: a rerun on another number of cores finds
+    the same pieces, and resumes.
+    """
+    total = sum(sizes)
+    if split_rows <= 0 or total <= split_rows or len(sizes) <= 1:
+        return [None]
+    k = min(len(sizes), -(-total // split_rows))
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64))[:-1]  # rows before boundary b + 1
+    cuts: list[int] = []
+    for j in range(1, k):
+        b = int(np.argmin(np.abs(ends - j * total / k))) + 1
+        if (not cuts or b > cuts[-1]) and b < len(sizes):
+            cuts.append(b)
+    bounds = [0, *cuts, len(sizes)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def plan_units(
+    files: list[str], row_groups: dict[str, list[int]], split_rows: int
+) -> tuple[list[ScanUnit], dict[int, int]]:
+    """The scan units of ``files`` (in order; ``row_groups``: the row-group sizes of the
+    readable ones, from :func:`check_inputs`), each file split by :func:`split_row_groups`; and
+    each unit's rows. Indices run over the files in order, a piece taking one each and an
+    unreadable file one it leaves unused, so where nothing is split a part's index is its
+    input file's."""
+    units: list[ScanUnit] = []
+    rows: dict[int, int] = {}
+    index = 0
+    for f in files:
+        if f not in row_groups:
+            index += 1
+            continue
+        sizes = row_groups[f]
+        for rg in split_row_groups(sizes, split_rows):
+            rows[index] = sum(sizes) if rg is None else sum(sizes[rg[0] : rg[1]])
+            units.append(ScanUnit(index, f, rg))
+            index += 1
+    return units, rows
+
+
 def task_groups(
-    todo: list[tuple[int, str]], rows: dict[str, int], task_rows: int, parallelism: int
-) -> list[list[tuple[int, str]]]:
-    """The scan's Spark tasks: consecutive files (in input order) grouped while a group stays
-    within ``task_rows`` rows, by their footers' counts (``rows``: the files still to scan; a
-    file missing from it counts as none, as an already scanned one costs nothing).
+    todo: list[ScanUnit], rows: dict[int, int], task_rows: int, parallelism: int
+) -> list[list[ScanUnit]]:
+    """The scan's Spark tasks: consecutive scan units (in input order) grouped while a group
+    stays within ``task_rows`` rows, by their footers' counts (``rows``: unit index -> rows, of
+    the units still to scan; a unit missing from it counts as none, as an already scanned one
+    costs nothing).
 
     Spark spends 0.03-0.05 s between one task and the next on a worker here (0.12-0.23 s
     before :func:`_freeze_worker_heap`; seconds where a task lands on a cold worker), so a
     task per small file wastes a share of the time. No group holds more than an even share of
     the rows per core (``parallelism``) either, so grouping does not leave cores idle (Spark
-    packs small files into partitions by the same rule); only a single file larger than that,
-    which is never split, makes a bigger task. Each file keeps its own scan part and resume
-    marker either way. ``task_rows`` 0: a task per file.
+    packs small files into partitions by the same rule); only a single unit larger than that
+    (at most ``split_rows``, or a file of one large row group) makes a bigger task. Each unit
+    keeps its own scan part and resume marker either way. ``task_rows`` 0: a task per unit.
     """
     if task_rows <= 0 or len(todo) <= 1:
         return [[t] for t in todo]
-    share = -(-sum(rows.get(f, 0) for _, f in todo) // max(1, parallelism))
+    share = -(-sum(rows.get(u[0], 0) for u in todo) // max(1, parallelism))
     target = max(1, min(task_rows, share))
-    groups: list[list[tuple[int, str]]] = []
+    groups: list[list[ScanUnit]] = []
     size = 0
     for item in todo:
-        r = rows.get(item[1], 0)
+        r = rows.get(item[0], 0)
         if not groups or (size > 0 and size + r > target):
             groups.append([])
             size = 0
@@ -1110,7 +1194,7 @@ def run_text_filter(
 
     Raises :class:`pipeline.io.InputError` for a missing input, a missing column or (without
     ``skip_bad_files``) an unreadable file, naming the file. A failed run leaves no
-    ``_SUCCESS``; the rerun reuses finished per-file scans when the files, classes and settings
+    ``_SUCCESS``; the rerun reuses finished scan units when the files, classes and settings
     are unchanged (and rescans everything otherwise).
     """
     if not io.prepare_output(out, overwrite):
@@ -1118,15 +1202,15 @@ def run_text_filter(
     t0 = time.perf_counter()
     spec = load_dataset(dataset, descriptions=False)
     files = io.list_files(metadata, suffixes=(".parquet",))
-    # Indices follow the sorted input list, so part names are stable across reruns.
-    indexed = list(enumerate(files))
-    good, bad, file_rows = check_inputs(files, cfg)
-    good_set = set(good)
-    todo = [(i, f) for i, f in indexed if f in good_set]
+    good, bad, row_groups = check_inputs(files, cfg)
+    # Units follow the sorted input list and the footers, so part names are stable across
+    # reruns (the fingerprint below holds them).
+    todo, unit_rows = plan_units(files, row_groups, cfg.split_rows)
     log.info(
-        "text filter: %d files (%d unreadable), %d classes -> %s",
+        "text filter: %d files (%d unreadable) in %d scan units, %d classes -> %s",
         len(files),
         len(bad),
+        len(todo),
         spec.num_classes,
         out,
     )
@@ -1134,11 +1218,15 @@ def run_text_filter(
     _check_scan_fingerprint(
         out,
         {
-            # task_rows only regroups the work: a rerun with another may reuse the scans.
-            "config": {k: v for k, v in to_dict(cfg).items() if k != "task_rows"},
+            # task_rows only regroups the work, and split_rows acts through the units: a rerun
+            # with others that cut the files the same way reuses the scans.
+            "config": {
+                k: v for k, v in to_dict(cfg).items() if k not in ("task_rows", "split_rows")
+            },
             "classes": classes,
             "synonyms": synonyms,
             "files": files,
+            "units": [list(u) for u in todo],
             "scan_format": SCAN_FORMAT,
         },
     )
@@ -1148,8 +1236,8 @@ def run_text_filter(
     sc = spark.sparkContext
     # Files a failed run already scanned (their stats marker exists) cost nothing: grouped by
     # the rows still to scan only.
-    scanned = _scanned_indices(out, [i for i, _ in todo])
-    pending = {f: file_rows[f] for i, f in todo if i not in scanned}
+    scanned = _scanned_indices(out, [u.index for u in todo])
+    pending = {u.index: unit_rows[u.index] for u in todo if u.index not in scanned}
     groups = task_groups(todo, pending, cfg.task_rows, sc.defaultParallelism)
     t_scan = time.perf_counter()
     try:
@@ -1164,12 +1252,16 @@ def run_text_filter(
     scan_s = time.perf_counter() - t_scan
     for r in results:
         if "bad_file" in r:
-            bad[r["file"]] = r["bad_file"]
-    done = [i for (i, f), r in zip(todo, results) if "bad_file" not in r]
+            bad.setdefault(r["file"], r["bad_file"])
+    # A file with an unreadable piece is left out whole, as when it is one unit: none of its
+    # pieces' rows count or reach the output.
+    good_results = [(u, r) for u, r in zip(todo, results) if u.url not in bad]
+    done = [u.index for u, _ in good_results]
     counts: Counter = Counter()
     timings: Counter = Counter()
-    for r in results:
+    for _, r in good_results:
         counts.update(r.get("counts", {}))
+    for r in results:
         timings.update(r.get("timings", {}))
     # Global filters over the keys of all matches (driver, numpy). A part that loses no rows
     # is already final (deduplicated): it is linked or copied into place. Only parts
@@ -1177,7 +1269,7 @@ def run_text_filter(
     from tqdm import tqdm
 
     t_global = time.perf_counter()
-    matched = [int(r["counts"]["rows_matched"]) for r in results if "bad_file" not in r]
+    matched = [int(r["counts"]["rows_matched"]) for _, r in good_results]
     keys, sizes = _read_keys(out, done, matched)
     part_of = np.repeat(np.asarray(done, dtype=np.int64), sizes)
     part_rows = dict(zip(done, sizes))
@@ -1212,6 +1304,7 @@ def run_text_filter(
     stats = {
         "dataset": spec.name,
         "files": len(files),
+        "scan_units": len(todo),
         "scan_tasks": len(groups),
         "bad_files": bad,
         "rows_scanned": int(counts.get("rows_scanned", 0)),

@@ -417,6 +417,15 @@ def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
     assert stats["rows_matched"] == 5 and io.is_done(out)
     fs, path = io.url_to_fs(out)
     assert ds.dataset(path, filesystem=fs).to_table().num_rows == 5
+    # A file of three row groups scanned in pieces through fsspec: the same rows.
+    with fs.open(io.url_to_fs(io.join(s3_bucket, "laion3", "part-0.parquet"))[1], "wb") as f:
+        pq.write_table(table, f, row_group_size=3)
+    out3 = io.join(s3_bucket, "matches3")
+    cfg = TextFilterConfig(split_rows=5)  # 9 rows: 3 + 6
+    stats = run_text_filter(cfg, dataset_yaml, io.join(s3_bucket, "laion3"), out3)
+    assert stats["scan_units"] == 2 and stats["rows_matched"] == 5
+    got = ds.dataset(io.url_to_fs(out3)[1], filesystem=fs).to_table()
+    assert got == ds.dataset(path, filesystem=fs).to_table()
 
 
 def test_hostile_captions_never_crash(tmp_path, dataset_yaml):
@@ -548,9 +557,7 @@ def test_task_groups_pack_small_files_in_order_without_idling_cores():
     todo = [(i, f"f{i}") for i in range(6)]
 
     def grouped(sizes, task_rows, cores):
-        got = task_groups(
-            todo[: len(sizes)], dict(zip((f for _, f in todo), sizes)), task_rows, cores
-        )
+        got = task_groups(todo[: len(sizes)], dict(enumerate(sizes)), task_rows, cores)
         assert [t for g in got for t in g] == todo[: len(sizes)]  # all, once, in input order
         return [[i for i, _ in g] for g in got]
 
@@ -567,7 +574,7 @@ def test_task_groups_pack_small_files_in_order_without_idling_cores():
     assert grouped([700], 1000, 2) == [[0]]
     # Files a failed run scanned (left out of rows) cost nothing: they join any group, and the
     # share is of the rows still to scan.
-    rows = {"f2": 500, "f3": 500}
+    rows = {2: 500, 3: 500}
     assert [[i for i, _ in g] for g in task_groups(todo[:4], rows, 10**6, 2)] == [[0, 1, 2], [3]]
 
 
@@ -903,3 +910,172 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     before = gc.get_freeze_count()
     tf.scan_files(files[1:], out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert gc.get_freeze_count() == before == 0
+
+
+def test_split_row_groups_cuts_at_the_boundaries_nearest_even_shares():
+    from pipeline.text_filter import plan_units, split_row_groups
+
+    assert split_row_groups([100] * 6, 0) == [None]  # 0: never split
+    assert split_row_groups([100] * 6, 600) == [None]  # within split_rows: the whole file
+    assert split_row_groups([5000], 100) == [None]  # one row group is never cut
+    assert split_row_groups([], 100) == [None]
+    assert split_row_groups([100] * 6, 599) == [(0, 3), (3, 6)]  # 2 pieces, 300 each
+    assert split_row_groups([100] * 6, 250) == [
+        (0, 2),
+        (2, 4),
+        (4, 6),
+    ]  # 3 pieces of 200
+    assert split_row_groups([100] * 7, 300) == [(0, 2), (2, 5), (5, 7)]  # 200/300/200
+    # A large row group is a piece of its own; the pieces cover every row group once, in order.
+    assert split_row_groups([10, 10, 1000, 10, 10], 300) == [(0, 2), (2, 3), (3, 5)]
+    for sizes, limit in (([7, 3, 9, 1, 4, 4, 8], 10), ([1] * 50, 7), ([50, 1, 1, 1, 50], 20)):
+        pieces = split_row_groups(sizes, limit)
+        assert [a for a, _ in pieces] == [0] + [b for _, b in pieces[:-1]]
+        assert pieces[-1][1] == len(sizes) and all(a < b for a, b in pieces)
+    sizes = {"a": [100] * 6, "b": [40], "c": [300, 300]}  # "x": unreadable, no footer
+    units, rows = plan_units(["a", "x", "b", "c"], sizes, 250)
+    assert [tuple(u) for u in units] == [
+        (0, "a", (0, 2)), (1, "a", (2, 4)), (2, "a", (4, 6)), (4, "b", None),
+        (5, "c", (0, 1)), (6, "c", (1, 2)),
+    ]  # fmt: skip
+    assert rows == {0: 200, 1: 200, 2: 200, 4: 40, 5: 300, 6: 300}
+    # Nothing split: a unit's index is its file's.
+    units, _ = plan_units(["a", "x", "b"], sizes, 0)
+    assert [tuple(u) for u in units] == [(0, "a", None), (2, "b", None)]
+
+
+def _split_input(tmp_path):
+    """A 1200-row file of six 200-row row groups (with a row repeated across its first and last
+    row group, and a URL shared by two captions across them) and a small second file."""
+    from pipeline.synthetic import laion_table
+
+    d = tmp_path / "in"
+    d.mkdir()
+    big = laion_table(1200, CLASSES, seed=21, match_rate=0.5)
+    caps, urls = big.column("TEXT").to_pylist(), big.column("URL").to_pylist()
+    caps[5] = "my golden retriever"
+    caps[1100], urls[1100] = caps[5], urls[5]  # the same row in piece 0 and piece 2
+    caps[1101], urls[1101] = "another tabby cat", urls[7]  # the same URL, another row
+    caps[7] = "a tabby cat"
+    big = laion_table(1200, CLASSES, seed=21, urls=urls, captions=caps)
+    pq.write_table(big, d / "a.parquet", row_group_size=200)
+    pq.write_table(laion_table(150, CLASSES, seed=22, match_rate=0.5), d / "b.parquet")
+    return str(d)
+
+
+def _parts(out):
+    return {
+        p: open(os.path.join(out, p), "rb").read()
+        for p in sorted(os.listdir(out))
+        if p.startswith("part-")
+    }
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TextFilterConfig(), TextFilterConfig(dedup_urls=False), TextFilterConfig(max_per_class=40)],
+    ids=["dedup", "no-dedup", "cap"],
+)
+def test_a_large_file_scanned_in_row_group_pieces_gives_the_same_subset(
+    tmp_path, dataset_yaml, cfg
+):
+    import dataclasses
+
+    meta = _split_input(tmp_path)
+    runs = {}
+    for split in (0, 500):
+        out = str(tmp_path / f"out{split}")
+        c = dataclasses.replace(cfg, split_rows=split, task_rows=0)
+        runs[split] = (run_text_filter(c, dataset_yaml, meta, out), out)
+    (whole, w_out), (split, s_out) = runs[0], runs[500]
+    assert (whole["scan_units"], whole["scan_tasks"]) == (2, 2)
+    assert (split["scan_units"], split["scan_tasks"]) == (4, 4)  # a.parquet in 3 pieces
+    assert len(_parts(s_out)) == 4
+    # (rows_matched_before_global_filters may differ: a row repeated within one unit is dropped
+    # by its scan, across units by the global pass; the totals agree.)
+    for k in ("rows_scanned", "rows_matched", "dropped", "per_class"):
+        assert split[k] == whole[k], k
+    assert split["rows_scanned"] == 1350 and whole["dropped"]["duplicate_row"] >= 1
+    if cfg.dedup_urls:
+        assert whole["dropped"]["duplicate_url"] >= 1
+    # The same rows in the same order (pieces follow the file's row order).
+    assert ds.dataset(s_out).to_table() == ds.dataset(w_out).to_table()
+
+
+def test_a_bad_row_group_fails_its_file_or_leaves_the_whole_file_out(
+    tmp_path, dataset_yaml, caplog
+):
+    meta = _split_input(tmp_path)
+    bad = os.path.join(meta, "a.parquet")
+    # Garble the captions of row group 3 only: the footer and the other row groups still read.
+    text = next(
+        c for c in (pq.read_metadata(bad).row_group(3).column(i) for i in range(10))
+        if c.path_in_schema == "TEXT"
+    )  # fmt: skip
+    with open(bad, "r+b") as f:
+        f.seek(text.data_page_offset)
+        f.write(b"\xff" * 256)
+    argv = [
+        "filter",
+        "--dataset",
+        dataset_yaml,
+        "--metadata",
+        meta,
+        "--set",
+        "filter.split_rows=500",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "fail")]) == 2
+    assert "a.parquet (row groups 2-3)" in caplog.text  # the file and the piece named
+    assert not io.is_done(str(tmp_path / "fail"))
+    out = str(tmp_path / "skip")
+    stats = run_text_filter(
+        TextFilterConfig(split_rows=500, skip_bad_files=True), dataset_yaml, meta, out
+    )
+    assert list(stats["bad_files"]) == [bad]
+    # None of a.parquet's pieces, the readable ones included, reach the output or the counts.
+    assert stats["rows_scanned"] == 150 and stats["scan_units"] == 4
+    os.unlink(bad)
+    clean = str(tmp_path / "clean")
+    run_text_filter(TextFilterConfig(), dataset_yaml, meta, clean)
+    assert ds.dataset(out).to_table() == ds.dataset(clean).to_table()
+
+
+def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
+    tmp_path, dataset_yaml, monkeypatch
+):
+    """The scan of a split file finished, the job failed before _SUCCESS (in the driver's
+    global pass), and one piece's marker is gone as if its task had died: the rerun scans that
+    piece alone and writes what a clean run writes."""
+    import pipeline.text_filter as tf
+
+    meta = _split_input(tmp_path)
+    cfg = TextFilterConfig(split_rows=500)
+    out = str(tmp_path / "out")
+
+    def boom(*a, **k):
+        raise RuntimeError("driver died")
+
+    monkeypatch.setattr(tf, "global_keep_keys", boom)
+    with pytest.raises(RuntimeError, match="driver died"):
+        run_text_filter(cfg, dataset_yaml, meta, out)
+    monkeypatch.undo()
+    scan = os.path.join(out, "_scan")
+    markers = sorted(p for p in os.listdir(scan) if p.endswith(".stats.json"))
+    assert markers == [f"part-{i:05d}.stats.json" for i in range(4)]
+    os.unlink(os.path.join(scan, markers[1]))
+    kept = {m: os.stat(os.path.join(scan, m)).st_mtime_ns for m in markers if m != markers[1]}
+    seen = {}
+    real = tf.io.remove
+
+    def remove(url):  # look at the scan directory just before the driver clears it
+        if url.rstrip("/") == scan:
+            seen.update({m: os.stat(os.path.join(scan, m)).st_mtime_ns for m in kept})
+            seen["redone"] = os.path.exists(os.path.join(scan, markers[1]))
+        return real(url)
+
+    monkeypatch.setattr(tf.io, "remove", remove)
+    stats = run_text_filter(cfg, dataset_yaml, meta, out)
+    assert seen == {**kept, "redone": True}  # the finished pieces untouched, the lost one redone
+    clean = str(tmp_path / "clean")
+    assert run_text_filter(cfg, dataset_yaml, meta, clean)["per_class"] == stats["per_class"]
+    assert _parts(out) == _parts(clean)
