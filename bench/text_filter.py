@@ -174,7 +174,7 @@ def run(
     # job approaches once Spark's fixed cost per job (~0.15 s here) and the driver's are spread.
     in_tasks = n / (t["task_total_s"] / 2) / 1e6
     note = (
-        f"{stats['rows_matched']:,} kept; {stats['scan_units']} units in {stats['scan_tasks']} tasks, scan {t['scan_wall_s']:.1f} s "
+        f"{stats['rows_matched']:,} kept; {stats['scan_units']} unit(s) in {stats['scan_tasks']} task(s), scan {t['scan_wall_s']:.1f} s "
         f"(in tasks {in_tasks:.2f}M/s), global {t['global_s']:.1f} s{spread}"
     )
     add("primer filter, local[2]", n, seconds, note)
