@@ -1234,7 +1234,7 @@ def run_text_filter(
 
     spark = get_spark(master, app_name=f"primer-filter-{spec.name}")
     sc = spark.sparkContext
-    # Files a failed run already scanned (their stats marker exists) cost nothing: grouped by
+    # Units a failed run already scanned (their stats marker exists) cost nothing: grouped by
     # the rows still to scan only.
     scanned = _scanned_indices(out, [u.index for u in todo])
     pending = {u.index: unit_rows[u.index] for u in todo if u.index not in scanned}
