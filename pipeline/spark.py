@@ -6,9 +6,11 @@ workstation :func:`get_spark` starts ``local[*]`` with settings that work offlin
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -51,3 +53,78 @@ def get_spark(
     spark.sparkContext.setLogLevel("WARN")
     log.info("Spark %s on %s", spark.version, spark.sparkContext.master)
     return spark
+
+
+_progress_ids = itertools.count()
+
+
+class JobProgress:
+    """A progress bar of the tasks done by the Spark jobs started inside a ``with`` block.
+
+    PySpark's own console bar is off (``spark.ui.showConsoleProgress``: it prints over the
+    logs), so a long scan showed nothing until it ended. The block's jobs get a job group of
+    their own; a daemon thread reads the driver's status tracker every ``interval`` seconds
+    and moves a tqdm bar (``unit`` per task, ``total`` tasks), which tqdm hides where stderr
+    is no terminal (and then no thread runs). ``bar``: any object with tqdm's ``update`` and
+    ``close`` (tests), else tqdm.
+    """
+
+    def __init__(self, sc, desc: str, total: int, unit: str = "task", interval=0.5, bar=None):
+        self.sc, self.total, self.interval = sc, total, interval
+        self.group = f"primer-{desc.replace(' ', '-')}-{next(_progress_ids)}"
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit=unit, disable=None)
+        self.bar = bar
+        self.done = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="primer-progress", daemon=True)
+
+    def tasks_done(self) -> int:
+        """Tasks finished so far by the group's jobs (their stages' completed tasks)."""
+        tracker = self.sc.statusTracker()
+        done = 0
+        for job in tracker.getJobIdsForGroup(self.group):
+            info = tracker.getJobInfo(job)
+            for stage in info.stageIds if info else ():
+                s = tracker.getStageInfo(stage)
+                done += s.numCompletedTasks if s else 0
+        return done
+
+    def _advance(self) -> None:
+        now = min(self.total, self.tasks_done())
+        if now > self.done:
+            self.bar.update(now - self.done)
+            self.done = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._advance()
+            except Exception as e:  # the gateway going away at shutdown: only the bar stops
+                log.debug("progress bar stopped: %r", e)
+                return
+
+    def __enter__(self) -> JobProgress:
+        self._previous = {k: self.sc.getLocalProperty(k) for k in _GROUP_PROPERTIES}
+        self.sc.setJobGroup(self.group, self.group)
+        if not getattr(self.bar, "disable", False):
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            if exc_type is None and not getattr(self.bar, "disable", False):
+                self._advance()
+        finally:
+            self.bar.close()
+            # Later jobs of this thread leave the group (a property set to None is removed).
+            for k, v in self._previous.items():
+                self.sc.setLocalProperty(k, v)
+
+
+_GROUP_PROPERTIES = ("spark.jobGroup.id", "spark.job.description")

@@ -1230,7 +1230,7 @@ def run_text_filter(
             "scan_format": SCAN_FORMAT,
         },
     )
-    from pipeline.spark import get_spark
+    from pipeline.spark import JobProgress, get_spark
 
     spark = get_spark(master, app_name=f"primer-filter-{spec.name}")
     sc = spark.sparkContext
@@ -1242,11 +1242,12 @@ def run_text_filter(
     t_scan = time.perf_counter()
     try:
         # One task per group; results come back in input order (groups are consecutive).
-        results = (
-            sc.parallelize(groups, max(1, len(groups)))
-            .flatMap(lambda g: scan_files(g, out, cfg, classes, synonyms))
-            .collect()
-        )
+        with JobProgress(sc, "scan", len(groups)):
+            results = (
+                sc.parallelize(groups, max(1, len(groups)))
+                .flatMap(lambda g: scan_files(g, out, cfg, classes, synonyms))
+                .collect()
+            )
     except Exception as e:
         raise io.InputError(_spark_error_message(e)) from None
     scan_s = time.perf_counter() - t_scan
@@ -1295,9 +1296,10 @@ def run_text_filter(
     total_kept = len(kept)
     del keys, kept
     if rewrite:
-        rewritten = (
-            sc.parallelize(rewrite, len(rewrite)).map(lambda i: finalize_part(i, out)).collect()
-        )
+        with JobProgress(sc, "rewrite parts", len(rewrite), unit="part"):
+            rewritten = (
+                sc.parallelize(rewrite, len(rewrite)).map(lambda i: finalize_part(i, out)).collect()
+            )
         if sum(rewritten) != total_kept - sum(part_rows[i] for i in done if i not in rewrite):
             raise RuntimeError("text filter: rewritten parts disagree with the kept keys")
     global_s = time.perf_counter() - t_global

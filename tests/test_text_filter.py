@@ -1079,3 +1079,57 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     clean = str(tmp_path / "clean")
     assert run_text_filter(cfg, dataset_yaml, meta, clean)["per_class"] == stats["per_class"]
     assert _parts(out) == _parts(clean)
+
+
+def test_job_progress_counts_the_tasks_of_its_own_jobs(spark):
+    """The scan's bar moves as tasks finish, counts only the jobs started inside its block, and
+    leaves later jobs out of its job group."""
+    import time as _time
+
+    from pipeline.spark import JobProgress
+
+    class Bar:
+        def __init__(self):
+            self.n, self.steps, self.closed = 0, [], False
+
+        def update(self, k):
+            self.n += k
+            self.steps.append(k)
+
+        def close(self):
+            self.closed = True
+
+    sc = spark.sparkContext
+    sc.parallelize(range(4), 4).count()  # before the block: not counted
+    bar = Bar()
+    with JobProgress(sc, "scan", 6, interval=0.05, bar=bar) as p:
+        sc.parallelize(range(6), 6).map(lambda x: _time.sleep(0.3) or x).collect()
+    assert bar.n == 6 and bar.closed
+    assert len(bar.steps) > 1  # seen part way (three waves of two tasks), not only at the end
+    assert sc.getLocalProperty("spark.jobGroup.id") is None
+    sc.parallelize(range(3), 3).count()  # after the block: not in the group
+    assert p.tasks_done() == 6
+
+
+def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
+    import io as _io
+
+    import tqdm
+
+    bars = []
+
+    class Shown(tqdm.tqdm):  # as on a terminal, into a buffer
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "disable": False, "file": _io.StringIO()})
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Shown)
+    files = _three_files(tmp_path)
+    run_text_filter(
+        TextFilterConfig(task_rows=0),
+        dataset_yaml,
+        os.path.dirname(files[0][1]),
+        str(tmp_path / "o"),
+    )
+    scan = [b for b in bars if b.desc == "scan"]
+    assert len(scan) == 1 and scan[0].n == scan[0].total == 3  # a task per file
