@@ -184,22 +184,22 @@ def test_corrupt_file_fails_or_is_skipped_and_rerun_resumes(tmp_path, dataset_ya
     assert ds.dataset(out).to_table() == ds.dataset(str(tmp_path / "clean")).to_table()
 
 
-def test_resume_after_failed_run_reuses_scans(tmp_path, dataset_yaml):
+def test_scan_parts_left_without_a_fingerprint_are_not_trusted(tmp_path, dataset_yaml):
+    """A scan part with its marker but no record of the inputs it came from (here scanned with
+    other settings) is rescanned, not reused; the output is a clean run's. (Reuse of a failed
+    run's finished scans: test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces.)"""
     from pipeline.synthetic import laion_table
 
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(3):
-        pq.write_table(laion_table(300, CLASSES, seed=i), d / f"p{i}.parquet")
+    d = _write(tmp_path, "in", KNOWN)  # one ambiguous caption: keep_ambiguous changes the part
+    pq.write_table(laion_table(300, CLASSES, seed=1), os.path.join(d, "part-1.parquet"))
     out = str(tmp_path / "out")
-    run_text_filter(TextFilterConfig(), dataset_yaml, str(d), str(tmp_path / "clean"))
-    # Simulate a run killed after scanning: scan parts exist, no final output, no _SUCCESS.
+    run_text_filter(TextFilterConfig(), dataset_yaml, d, str(tmp_path / "clean"))
     from pipeline.text_filter import scan_file
 
     io.makedirs(out)
-    files = io.list_files(str(d), suffixes=(".parquet",))
-    scan_file(0, files[0], out, TextFilterConfig(), CLASSES, {"golden retriever": ["goldie"]})
-    run_text_filter(TextFilterConfig(), dataset_yaml, str(d), out)
+    files = io.list_files(d, suffixes=(".parquet",))
+    scan_file(0, files[0], out, TextFilterConfig(keep_ambiguous=True), CLASSES, SYNONYMS)
+    run_text_filter(TextFilterConfig(), dataset_yaml, d, out)
     assert ds.dataset(out).to_table() == ds.dataset(str(tmp_path / "clean")).to_table()
     assert not os.path.exists(os.path.join(out, "_scan"))
 
