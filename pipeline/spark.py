@@ -56,6 +56,8 @@ def get_spark(
 
 
 _progress_ids = itertools.count()
+# The thread-local properties setJobGroup sets, restored when a JobProgress block ends.
+_GROUP_PROPERTIES = ("spark.jobGroup.id", "spark.job.description")
 
 
 class JobProgress:
@@ -125,6 +127,3 @@ class JobProgress:
             # Later jobs of this thread leave the group (a property set to None is removed).
             for k, v in self._previous.items():
                 self.sc.setLocalProperty(k, v)
-
-
-_GROUP_PROPERTIES = ("spark.jobGroup.id", "spark.job.description")
