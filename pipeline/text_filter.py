@@ -542,7 +542,10 @@ def scan_file(
     part, stats_url = _piece_paths(out, index)
     if io.exists(stats_url):
         return io.read_json(stats_url)
-    where = url if row_groups is None else f"{url} (row groups {row_groups[0]}-{row_groups[1] - 1})"
+    where, piece = url, {}
+    if row_groups is not None:
+        where = f"{url} (row groups {row_groups[0]}-{row_groups[1] - 1})"
+        piece = {"row_groups": list(row_groups)}
     t0 = time.perf_counter()
     stats: Counter = Counter()
     timings = {"read_s": 0.0, "match_s": 0.0, "write_s": 0.0}
@@ -580,9 +583,7 @@ def scan_file(
     except (OSError, pa.ArrowException, ValueError) as e:
         if not cfg.skip_bad_files:
             raise io.InputError(f"{where}: cannot read parquet ({type(e).__name__}: {e})") from e
-        result = {"file": url, "bad_file": f"{type(e).__name__}: {e}"}
-        if row_groups is not None:
-            result["row_groups"] = list(row_groups)
+        result = {"file": url, **piece, "bad_file": f"{type(e).__name__}: {e}"}
         io.write_json(stats_url, result)
         return result
     table = pa.concat_tables(tables) if tables else _empty_output(cols)
@@ -628,7 +629,7 @@ def scan_file(
         labels, label_counts = np.unique(keys["label"], return_counts=True)
         result = {
             "file": url,
-            **({} if row_groups is None else {"row_groups": list(row_groups)}),
+            **piece,
             "counts": dict(stats),
             "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
             # publish_s, the commit's own time, is added by it (and so is in the marker).
@@ -1202,7 +1203,7 @@ def run_text_filter(
     t0 = time.perf_counter()
     spec = load_dataset(dataset, descriptions=False)
     files = io.list_files(metadata, suffixes=(".parquet",))
-    good, bad, row_groups = check_inputs(files, cfg)
+    _, bad, row_groups = check_inputs(files, cfg)  # row_groups: the readable files
     # Units follow the sorted input list and the footers, so part names are stable across
     # reruns (the fingerprint below holds them).
     todo, unit_rows = plan_units(files, row_groups, cfg.split_rows)
@@ -1330,7 +1331,7 @@ def run_text_filter(
             "task_write_s": round(timings.get("write_s", 0.0), 3),
             # fsync and rename (or upload) of the parts and keys, beside the scanning.
             "task_publish_s": round(timings.get("publish_s", 0.0), 3),
-            # Summed over tasks, and the slowest one (the scan's wall time cannot beat it).
+            # Summed over scan units, and the slowest unit (the scan's wall time cannot beat it).
             "task_total_s": round(timings.get("total_s", 0.0), 3),
             "task_max_s": round(
                 max((r.get("timings", {}).get("total_s", 0.0) for r in results), default=0.0), 3
