@@ -43,7 +43,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -78,8 +78,9 @@ OPTIONAL_TYPES = {
 SCAN_DIR = "_scan"
 # The layout of the scan parts and their keys files; a failed run's scans of another layout are
 # not reused. 2: URL keys are MurmurHash3-128 (BLAKE2b-128 before). 3: a part per scan unit
-# (a file, or a run of a large file's row groups), numbered in input order.
-SCAN_FORMAT = 3
+# (a file, or a run of a large file's row groups), numbered in input order. 4: matches whose URL
+# holds a control character are dropped by the scan.
+SCAN_FORMAT = 4
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.
 STATS = "_stats.json"
 CONFIG = "_config.json"
@@ -94,6 +95,8 @@ class TextFilterConfig:
     ``split_rows``: a file of more rows is scanned in pieces of whole row groups, about that many
     rows each (0: never split); ``task_rows``: consecutive small pieces share a Spark task up to
     that many rows (0: a task per piece). See :func:`split_row_groups` and :func:`task_groups`.
+    ``global_memory_mb``: what the driver's global filters may hold; more matches than fit are
+    filtered in URL buckets, one at a time (0: no limit). See :func:`global_buckets`.
     """
 
     columns: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_COLUMNS.items()})
@@ -111,6 +114,7 @@ class TextFilterConfig:
     engine: str = "auto"
     task_rows: int = 4_000_000
     split_rows: int = 4_000_000
+    global_memory_mb: int = 4096
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,6 +131,8 @@ class TextFilterConfig:
             problems.append("task_rows must be >= 0 (0 = a task per scan unit)")
         if self.split_rows < 0:
             problems.append("split_rows must be >= 0 (0 = never split a file)")
+        if self.global_memory_mb < 0:
+            problems.append("global_memory_mb must be >= 0 (0 = no limit)")
         if self.engine != "auto" and self.engine not in ENGINES:
             problems.append("engine must be auto or one of " + ", ".join(ENGINES))
         if problems:
@@ -234,6 +240,19 @@ def _row_bytes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     return _buffers(arr)
 
 
+def _has_control_bytes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row of a string or binary array: whether it holds a C0 control byte or DEL
+    (0x00-0x1F, 0x7F; never part of a UTF-8 multi-byte character). Such rows are rare: one
+    pass over the whole buffer first, and rows are located only where it finds one."""
+    offsets, values = _row_bytes(arr)
+    bad = np.zeros(len(offsets) - 1, dtype=bool)
+    if not len(values) or (values.min() >= 0x20 and not (values == 0x7F).any()):
+        return bad
+    pos = np.flatnonzero((values < 0x20) | (values == 0x7F))
+    bad[np.searchsorted(offsets, pos, side="right") - 1] = True
+    return bad
+
+
 def blake2b_128(arr: pa.Array) -> np.ndarray:
     """BLAKE2b with a 16-byte digest of each row of a string or binary array (nulls hash as
     empty): ``uint8 [rows, 16]``. numba's kernel where numba imports, else hashlib per row (the
@@ -337,7 +356,8 @@ def filter_batch(
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
     (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``ambiguous``, then for
-    matches ``null_or_empty_url``, ``too_small``, ``unsafe``, ``low_similarity``) and
+    matches ``null_or_empty_url``, ``url_with_control_character``, ``too_small``,
+    ``unsafe``, ``low_similarity``) and
     ``rows_matched``.
     """
     return _filter_batch(batch, cols, matcher, cfg, classes, stats)[0]
@@ -400,6 +420,13 @@ def _filter_batch(
     url_sel = urls.take(idx)
     keep = pc.binary_length(url_sel).fill_null(0).to_numpy(zero_copy_only=False) > 0
     stats["dropped_null_or_empty_url"] += int((~keep).sum())
+    # A control character is never part of a URL as written (it cannot be fetched); 0x1F, the
+    # uid's separator, would also let two rows share a uid (URL "a\x1fb" with caption "c" and
+    # URL "a" with "b\x1fc"). Without them a uid names one URL, which the global filters'
+    # buckets rely on (a row's repeats fall in its URL's bucket).
+    bad_url = _has_control_bytes(url_sel) & keep
+    stats["dropped_url_with_control_character"] += int(bad_url.sum())
+    keep &= ~bad_url
     extra = {}
     for canon, typ in OPTIONAL_TYPES.items():
         if canon in cols:
@@ -855,22 +882,31 @@ def global_keep_keys(
         counts["dropped_duplicate_url"] += int(dup_urls)
     order = np.flatnonzero(kept)
     if cfg.max_per_class and len(order):
-        h, lw, lb = hi[order], lo[order], label[order].astype(np.int64)
-        cap = _cap_hash_words(h, cfg.seed)
-        # By (label, hash, uid): sorted by hash (ties by uid, as their strings order), then a
-        # stable sort by label; cheaper than np.lexsort over the four.
-        rank_order = _sort_keys(cap, h, lw)
-        rank_order = rank_order[np.argsort(lb[rank_order], kind="stable")]
-        lab_sorted = lb[rank_order]
-        starts = np.r_[0, np.flatnonzero(lab_sorted[1:] != lab_sorted[:-1]) + 1]
-        rank = np.arange(len(rank_order)) - np.repeat(
-            starts, np.diff(np.r_[starts, len(rank_order)])
-        )
-        keep = np.zeros(len(rank_order), dtype=bool)
-        keep[rank_order[rank < cfg.max_per_class]] = True
+        keep = _class_cap(hi[order], lo[order], label[order], cfg.max_per_class, cfg.seed)
         counts["dropped_over_class_cap"] += int((~keep).sum())
         order = order[keep]
     return order, counts
+
+
+def _class_cap(
+    hi: np.ndarray, lo: np.ndarray, label: np.ndarray, max_per_class: int, seed: int
+) -> np.ndarray:
+    """The per-class cap over distinct (uid, label) rows: True for the ``max_per_class`` rows
+    of each label with the smallest :func:`cap_hash` (ties by uid). The rows kept from a union
+    are those kept from the union of what each part keeps, so the cap can run bucket by
+    bucket over a running set of candidates."""
+    lb = label.astype(np.int64)
+    cap = _cap_hash_words(hi, seed)
+    # By (label, hash, uid): sorted by hash (ties by uid, as their strings order), then a
+    # stable sort by label; cheaper than np.lexsort over the four.
+    rank_order = _sort_keys(cap, hi, lo)
+    rank_order = rank_order[np.argsort(lb[rank_order], kind="stable")]
+    lab_sorted = lb[rank_order]
+    starts = np.r_[0, np.flatnonzero(lab_sorted[1:] != lab_sorted[:-1]) + 1]
+    rank = np.arange(len(rank_order)) - np.repeat(starts, np.diff(np.r_[starts, len(rank_order)]))
+    keep = np.zeros(len(rank_order), dtype=bool)
+    keep[rank_order[rank < max_per_class]] = True
+    return keep
 
 
 def _sorted_keep_numpy(order, hi, lo, label, url_hi, url_lo, has_url, dedup_urls, kept):
@@ -992,10 +1028,24 @@ def _read_keys(
     """
     if not indices:
         return np.zeros(0, dtype=KEY_DTYPE), []
+    sizes = _keys_sizes(out, indices, counts)
+    buf = np.empty(sum(sizes), dtype=np.uint8)
+    view, pos = memoryview(buf), 0
+    for url, n, f in _open_keys(out, indices, sizes):
+        with f:
+            _read_exactly(f, view[pos : pos + n], url)
+        pos += n
+    return buf.view(KEY_DTYPE), [n // KEY_DTYPE.itemsize for n in sizes]
+
+
+def _keys_sizes(out: str, indices: list[int], counts: list[int] | None) -> list[int]:
+    """The byte sizes of the keys files of scan parts ``indices``, from one listing; a missing
+    file, or one whose size is not a whole number of records (of ``counts[k]`` records, where
+    given), is refused."""
     listed = _scan_listing(out)
-    names = [_keys_path(out, i).rsplit("/", 1)[-1] for i in indices]
     sizes = []
-    for k, name in enumerate(names):
+    for k, i in enumerate(indices):
+        name = _keys_path(out, i).rsplit("/", 1)[-1]
         n = listed.get(name)
         count = None if counts is None else counts[k]
         if (
@@ -1008,17 +1058,123 @@ def _read_keys(
                 + ("" if count is None or n is None else f" ({n} bytes, {count} matches)")
             )
         sizes.append(int(n))
+    return sizes
+
+
+def _open_keys(out: str, indices: list[int], sizes: list[int]):
+    """``(URL, byte size, open file)`` of each keys file, opened one at a time as iterated."""
     fs, scan = io.url_to_fs(io.join(out, SCAN_DIR))
-    buf = np.empty(sum(sizes), dtype=np.uint8)
-    view, pos = memoryview(buf), 0
-    for name, n in zip(names, sizes):
-        with fs.open(f"{scan.rstrip('/')}/{name}", "rb") as f:
-            if f.readinto(view[pos : pos + n]) != n:
-                raise RuntimeError(
-                    f"text filter: {io.join(out, SCAN_DIR, name)} changed while read"
-                )
-        pos += n
-    return buf.view(KEY_DTYPE), [n // KEY_DTYPE.itemsize for n in sizes]
+    for i, n in zip(indices, sizes):
+        url = _keys_path(out, i)
+        yield url, n, fs.open(f"{scan.rstrip('/')}/{url.rsplit('/', 1)[-1]}", "rb")
+
+
+def _read_exactly(f, view: memoryview, url: str) -> None:
+    if f.readinto(view) != len(view):
+        raise RuntimeError(f"text filter: {url} changed while read")
+
+
+def _read_keys_bucket(
+    out: str, indices: list[int], sizes: list[int], bucket: int, buckets: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The records of URL bucket ``bucket`` of ``buckets`` (a power of two: the top bits of
+    ``url_hi``) from the keys files of ``indices`` (byte ``sizes``, from :func:`_keys_sizes`),
+    and the index of each among all their records (in file order, as :func:`_read_keys`
+    reads them). Files are read in chunks of up to a million records (about a bucket's share):
+    only the bucket is held."""
+    shift = np.uint64(64 - (buckets.bit_length() - 1))
+    share = sum(sizes) // KEY_DTYPE.itemsize // buckets
+    chunk = np.empty(min(1 << 20, max(1 << 14, share)) * KEY_DTYPE.itemsize, dtype=np.uint8)
+    view = memoryview(chunk)
+    found, where = [], []
+    first = 0  # index of the file's first record among all
+    for url, size, f in _open_keys(out, indices, sizes):
+        with f:
+            for pos in range(0, size, len(chunk)):
+                n = min(len(chunk), size - pos)
+                _read_exactly(f, view[:n], url)
+                records = chunk[:n].view(KEY_DTYPE)
+                sel = np.flatnonzero((records["url_hi"] >> shift) == bucket)
+                found.append(records[sel])
+                where.append(first + pos // KEY_DTYPE.itemsize + sel)
+        first += size // KEY_DTYPE.itemsize
+    if not found:
+        return np.zeros(0, dtype=KEY_DTYPE), np.zeros(0, dtype=np.int64)
+    return np.concatenate(found), np.concatenate(where).astype(np.int64)
+
+
+# Peak bytes the global filters hold per match of a bucket: the records, their parts, the sort
+# and its temporaries. Measured with tracemalloc at 1.45M matches: 70-80 where few rows share a
+# URL, up to 130 where most do (the rows tied on the sort's first key are sorted again).
+GLOBAL_BYTES_PER_MATCH = 136
+
+
+def global_buckets(matches: int, memory_mb: int) -> int:
+    """How many URL buckets the global filters take ``matches`` in, so that one bucket's work
+    (:data:`GLOBAL_BYTES_PER_MATCH` a match) fits in ``memory_mb``: a power of two, 1 where it
+    fits at once or ``memory_mb`` is 0. Beside a bucket, the driver holds a byte per match."""
+    if memory_mb <= 0 or matches <= 0:
+        return 1
+    need = -(-matches * GLOBAL_BYTES_PER_MATCH // (memory_mb << 20))
+    return 1 << max(0, need - 1).bit_length()
+
+
+def global_pass(
+    out: str, done: list[int], matched: list[int], cfg: TextFilterConfig, num_classes: int
+) -> tuple[np.ndarray, Counter, np.ndarray, int]:
+    """The global filters over the keys of scan parts ``done`` (``matched`` records each):
+    ``(kept mask over all their records in order, drop counts, kept rows per class, buckets)``.
+
+    Where the matches need more than ``cfg.global_memory_mb`` (:func:`global_buckets`), they
+    are filtered one URL bucket at a time (the keys files read once per bucket): a URL's rows
+    are all in its bucket, and so are a row's repeats (a uid names one URL), so each bucket's
+    de-duplication is exact; the cap keeps a running top ``max_per_class`` per class. The
+    result equals one pass over all (the same rows, the same counts).
+    """
+    n = sum(matched)
+    buckets = global_buckets(n, cfg.global_memory_mb)
+    done_arr = np.asarray(done, dtype=np.int64)
+    starts = np.cumsum([0, *matched])[:-1]
+    kept = np.zeros(n, dtype=bool)
+    per_class = np.zeros(num_classes, dtype=np.int64)
+    counts: Counter = Counter()
+    uncapped = replace(cfg, max_per_class=0)
+    # The cap's candidates: uid words, label and index of the best rows of each class so far.
+    cand = [np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int32)]
+    cand_idx = np.zeros(0, dtype=np.int64)
+    survivors = 0
+    sizes = _keys_sizes(out, done, matched) if buckets > 1 else None
+    from tqdm import tqdm
+
+    bar = tqdm(range(buckets), desc="global filters", unit="bucket", disable=buckets == 1 or None)
+    for b in bar:
+        if buckets == 1:
+            keys, _ = _read_keys(out, done, matched)
+            where = None
+            part_of = np.repeat(done_arr, matched)
+        else:
+            keys, where = _read_keys_bucket(out, done, sizes, b, buckets)
+            part_of = done_arr[np.searchsorted(starts, where, side="right") - 1]
+        idx, c = global_keep_keys(keys, part_of, uncapped)
+        counts.update(c)
+        rows = idx if where is None else where[idx]
+        if cfg.max_per_class:
+            survivors += len(idx)
+            fields = ("uid_hi", "uid_lo", "label")
+            cand = [np.concatenate([a, keys[f][idx]]) for a, f in zip(cand, fields)]
+            cand_idx = np.concatenate([cand_idx, rows])
+            if len(cand_idx):
+                keep = _class_cap(*cand, cfg.max_per_class, cfg.seed)
+                cand, cand_idx = [a[keep] for a in cand], cand_idx[keep]
+        else:
+            kept[rows] = True
+            per_class += np.bincount(keys["label"][idx], minlength=num_classes)
+        del keys, where, part_of, idx, rows
+    if cfg.max_per_class:
+        kept[cand_idx] = True
+        per_class = np.bincount(cand[2], minlength=num_classes).astype(np.int64)
+        counts["dropped_over_class_cap"] += survivors - len(cand_idx)
+    return kept, counts, per_class, buckets
 
 
 def _keep_path(out: str, index: int) -> str:
@@ -1272,30 +1428,22 @@ def run_text_filter(
 
     t_global = time.perf_counter()
     matched = [int(r["counts"]["rows_matched"]) for _, r in good_results]
-    keys, sizes = _read_keys(out, done, matched)
-    part_of = np.repeat(np.asarray(done, dtype=np.int64), sizes)
-    part_rows = dict(zip(done, sizes))
-    kept, gcounts = global_keep_keys(keys, part_of, cfg)
+    kept, gcounts, final_per_class, buckets = global_pass(out, done, matched, cfg, spec.num_classes)
     counts.update(gcounts)
-    # Keys are concatenated part by part in row order: the kept indices (ascending) are grouped
-    # by part, and within a part they are row numbers (after subtracting the part's first index).
-    kept_part = part_of[kept]
-    part_start = dict(zip(done, np.searchsorted(part_of, np.asarray(done, dtype=np.int64))))
-    bounds = np.searchsorted(kept_part, np.asarray(done, dtype=np.int64), side="left")
-    bounds_end = np.searchsorted(kept_part, np.asarray(done, dtype=np.int64), side="right")
+    # The mask runs over the parts' records in order: a part's slice of it marks its rows.
     rewrite = []
-    for i, a, b in tqdm(
-        list(zip(done, bounds, bounds_end)), desc="place parts", unit="part", disable=None
-    ):
-        if b - a == part_rows[i]:
+    part_rows = dict(zip(done, matched))
+    first = 0
+    for i, m in tqdm(list(zip(done, matched)), desc="place parts", unit="part", disable=None):
+        rows = np.flatnonzero(kept[first : first + m]).astype("<i8")
+        first += m
+        if len(rows) == m:
             _publish_part(i, out)
         else:
-            rows = (kept[a:b] - part_start[i]).astype("<i8")
             io.write_bytes(_keep_path(out, i), rows.tobytes())
             rewrite.append(i)
-    final_per_class = np.bincount(keys["label"][kept], minlength=spec.num_classes)
-    total_kept = len(kept)
-    del keys, kept
+    total_kept = int(kept.sum())
+    del kept
     if rewrite:
         with JobProgress(sc, "rewrite parts", len(rewrite), unit="part"):
             rewritten = (
@@ -1309,6 +1457,7 @@ def run_text_filter(
         "files": len(files),
         "scan_units": len(todo),
         "scan_tasks": len(groups),
+        "global_buckets": buckets,
         "bad_files": bad,
         "rows_scanned": int(counts.get("rows_scanned", 0)),
         "rows_matched_before_global_filters": int(counts.get("rows_matched", 0)),

@@ -412,6 +412,16 @@ CASES: list[HostileCase] = [
     HostileCase("url_empty_with_matching_caption", "filter-core",
         _batch(pa.array(["a rose"]), url=pa.array([""], pa.string())),
         counted("null_or_empty_url")),
+    # 0x1F joins URL and caption in the uid: "a\x1fb" + "c" would share the uid of "a" + "b\x1fc".
+    HostileCase("url_with_the_uid_separator", "filter-core",
+        _batch(pa.array(["a rose"]), url=pa.array(["http://a.test/x\x1fa rose.jpg"])),
+        counted("url_with_control_character")),
+    HostileCase("url_with_a_newline", "filter-core",
+        _batch(pa.array(["a rose"]), url=pa.array(["http://a.test/x.jpg\nHost: b"])),
+        counted("url_with_control_character")),
+    HostileCase("url_binary_with_del", "filter-core",
+        _batch(pa.array(["a rose"]), url=pa.array([b"http://a.test/\x7f.jpg"], pa.binary())),
+        counted("url_with_control_character")),
     # --- dataset YAMLs: ConfigError naming the file.
     HostileCase("yaml_duplicate_class_names", "dataset-yaml", _yaml("classes: [rose, cat, rose]\n"),
         error(ConfigError, r"duplicate class name 'rose' at labels 0 and 2")),

@@ -717,7 +717,8 @@ def test_global_filters_against_brute_force(kernel, monkeypatch):
 @pytest.mark.parametrize("kernel", [True, False], ids=["numba", "numpy"])
 def test_url_run_starting_with_a_repeated_row(kernel, monkeypatch):
     """A uid found under two URLs (hostile fields: the uid joins URL and caption with 0x1F, so
-    url "a\x1fb" + caption "c" and url "a" + caption "b\x1fc" share it): where the repeat of a
+    url "a\x1fb" + caption "c" and url "a" + caption "b\x1fc" share it; scans now drop URLs
+    with control characters, but the pass must not rely on it): where the repeat of a
     (uid, label) starts a URL run, that run still belongs to its first uid, in the compiled
     pass as in numpy."""
     import sys
@@ -1133,3 +1134,135 @@ def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
     )
     scan = [b for b in bars if b.desc == "scan"]
     assert len(scan) == 1 and scan[0].n == scan[0].total == 3  # a task per file
+
+
+def test_global_buckets_fit_the_memory_budget():
+    from pipeline.text_filter import GLOBAL_BYTES_PER_MATCH, global_buckets
+
+    mb = 1 << 20
+    assert global_buckets(10**9, 0) == 1  # no limit
+    assert global_buckets(0, 1) == 1
+    assert global_buckets(mb // GLOBAL_BYTES_PER_MATCH, 1) == 1  # fits at once
+    assert global_buckets(mb // GLOBAL_BYTES_PER_MATCH + 1, 1) == 2
+    assert global_buckets(5 * mb // GLOBAL_BYTES_PER_MATCH, 1) == 8  # a power of two
+    # 300M matches in the default 4 GB: 16 buckets of some 2.5 GB each.
+    assert global_buckets(300_000_000, TextFilterConfig().global_memory_mb) == 16
+    with pytest.raises(ValueError, match="global_memory_mb"):
+        TextFilterConfig(global_memory_mb=-1)
+
+
+def _random_scan_keys(out, parts, n, seed, url_share=2):
+    """Keys files of ``parts`` scan parts (n records in all) as scans write them: random uids,
+    URLs shared by several uids, rows repeated in later parts (the same row in two files), and
+    rows under two labels (ambiguous rows kept)."""
+    from pipeline.text_filter import KEY_DTYPE, _keys_path
+
+    rng = np.random.default_rng(seed)
+    keys = np.zeros(n, dtype=KEY_DTYPE)
+    urls = rng.integers(0, 2**63, size=(n // url_share, 2), dtype=np.uint64) * np.uint64(2)
+    keys["uid_hi"], keys["uid_lo"] = (rng.integers(0, 2**63, n, dtype=np.uint64) for _ in "hl")
+    u = rng.integers(0, len(urls), n)
+    keys["url_hi"], keys["url_lo"] = urls[u, 0], urls[u, 1]
+    keys["label"] = rng.integers(0, 50, n)
+    keys["has_url"] = 1
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    src = rng.integers(0, bounds[1], n // 10)  # rows of part 0 found again later
+    dst = rng.integers(bounds[1], n, n // 10)
+    relabel = rng.random(n // 10) < 0.3  # ...some of them under another class
+    keys[dst] = keys[src]
+    keys["label"][dst[relabel]] = (keys["label"][src[relabel]] + 1) % 50
+    os.makedirs(os.path.join(out, "_scan"))
+    for i in range(parts):
+        with open(_keys_path(out, i), "wb") as f:
+            f.write(keys[bounds[i] : bounds[i + 1]].tobytes())
+    return list(range(parts)), np.diff(bounds).tolist()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TextFilterConfig(),
+        TextFilterConfig(dedup_urls=False),
+        TextFilterConfig(max_per_class=300, seed=3),
+        TextFilterConfig(dedup_urls=False, max_per_class=1000),
+    ],
+    ids=["dedup", "no-dedup", "cap", "no-dedup-cap"],
+)
+def test_global_filters_in_url_buckets_equal_one_pass_in_a_fraction_of_the_memory(tmp_path, cfg):
+    """200k matches in five parts under a 1 MB budget: 32 URL buckets, the same kept rows,
+    counts and per-class totals as one pass over all, at a fraction of its peak memory."""
+    import dataclasses
+    import tracemalloc
+
+    from pipeline.text_filter import global_pass
+
+    out = str(tmp_path / "out")
+    done, matched = _random_scan_keys(out, 5, 200_000, seed=1)
+    results = {}
+    for mb in (0, 1):
+        c = dataclasses.replace(cfg, global_memory_mb=mb)
+        tracemalloc.start()
+        results[mb] = global_pass(out, done, matched, c, 50)
+        results[mb] += (tracemalloc.get_traced_memory()[1],)
+        tracemalloc.stop()
+    (kept1, counts1, per1, b1, peak1), (kept_b, counts_b, per_b, b, peak_b) = results.values()
+    assert (b1, b) == (1, 32)
+    assert (kept_b == kept1).all() and (per_b == per1).all()
+    assert counts_b == counts1
+    assert counts1["dropped_duplicate_row"] > 10_000
+    if cfg.dedup_urls:
+        assert counts1["dropped_duplicate_url"] > 10_000
+    if cfg.max_per_class:
+        assert counts1["dropped_over_class_cap"] > 0 and per1.max() == cfg.max_per_class
+    assert peak_b < peak1 / 4, (peak_b, peak1)
+
+
+def test_a_job_filtered_in_url_buckets_writes_what_one_pass_writes(
+    tmp_path, dataset_yaml, monkeypatch
+):
+    """The whole job with the global filters forced into URL buckets (rows repeated across
+    pieces, a URL shared across them, ambiguous rows kept, a cap): the same parts, byte for
+    byte, and the same stats."""
+    import pipeline.text_filter as tf
+
+    meta = _split_input(tmp_path)
+    runs, base = {}, tf.GLOBAL_BYTES_PER_MATCH
+    for per_match in (base, 1 << 14):
+        monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", per_match)
+        for name, cfg in {
+            "dedup": TextFilterConfig(split_rows=500, global_memory_mb=1),
+            "ambiguous-cap": TextFilterConfig(
+                split_rows=500, global_memory_mb=1, keep_ambiguous=True, max_per_class=30
+            ),
+        }.items():
+            out = str(tmp_path / f"{name}-{per_match}")
+            runs[name, per_match] = (run_text_filter(cfg, dataset_yaml, meta, out), _parts(out))
+    for name in ("dedup", "ambiguous-cap"):
+        (one, one_parts), (many, many_parts) = (runs[name, p] for p in (base, 1 << 14))
+        assert one["global_buckets"] == 1 and many["global_buckets"] >= 8
+        assert many_parts == one_parts
+        for k in ("rows_matched", "dropped", "per_class"):
+            assert many[k] == one[k], k
+        assert one["dropped"]["duplicate_row"] >= 1
+
+
+def test_control_bytes_are_found_in_the_right_rows():
+    from pipeline.text_filter import _has_control_bytes
+
+    rows = [
+        "http://a.test/é.jpg",
+        None,
+        "",
+        "http://a.test/\x1f",
+        "ok",
+        "\x00",
+        "tab\there",
+        "日本",
+    ]
+    arr = pa.array(rows, pa.string())
+    want = [False, False, False, True, False, True, True, False]
+    assert _has_control_bytes(arr).tolist() == want
+    assert _has_control_bytes(arr.slice(3, 4)).tolist() == want[3:7]  # an offset into buffers
+    assert _has_control_bytes(pa.array([r.encode() if r else r for r in rows])).tolist() == want
+    assert _has_control_bytes(pa.chunked_array([arr[:4], arr[4:]])).tolist() == want
+    assert _has_control_bytes(pa.array(["clean"] * 3)).tolist() == [False] * 3
