@@ -405,7 +405,7 @@ def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
     assert tf._read_keys(out, [2, 0], sizes)[1] == sizes
 
 
-def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
+def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path, monkeypatch):
     from pipeline.synthetic import laion_table
 
     table = laion_table(
@@ -426,6 +426,15 @@ def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path):
     assert stats["scan_units"] == 2 and stats["rows_matched"] == 5
     got = ds.dataset(io.url_to_fs(out3)[1], filesystem=fs).to_table()
     assert got == ds.dataset(path, filesystem=fs).to_table()
+    # The global filters in URL buckets, the keys read from the store once per bucket.
+    import pipeline.text_filter as tf
+
+    monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", 1 << 20)
+    out4 = io.join(s3_bucket, "matches4")
+    cfg = TextFilterConfig(split_rows=5, global_memory_mb=1)
+    stats = run_text_filter(cfg, dataset_yaml, io.join(s3_bucket, "laion3"), out4)
+    assert stats["global_buckets"] == 8 and stats["rows_matched"] == 5
+    assert ds.dataset(io.url_to_fs(out4)[1], filesystem=fs).to_table() == got
 
 
 def test_hostile_captions_never_crash(tmp_path, dataset_yaml):
