@@ -183,3 +183,44 @@ def laion_table(
             "key": pa.array([f"{i:09d}" for i in range(n)]),
         }
     )
+
+
+def scan_keys(n: int, parts: int, seed: int = 0, url_share: float = 2.0) -> list[np.ndarray]:
+    """Match keys (:data:`pipeline.text_filter.KEY_DTYPE`) of ``n`` matches in ``parts`` scan
+    parts, for the global filters: random uids; URLs drawn from ``n / url_share`` (so shared
+    by several uids); a tenth of the rows of the first part found again in later ones (the
+    same row in two files), a third of those under another class (ambiguous rows kept). 50
+    classes."""
+    from pipeline.text_filter import KEY_DTYPE
+
+    rng = np.random.default_rng(seed)
+    keys = np.zeros(n, dtype=KEY_DTYPE)
+    urls = rng.integers(0, 2**63, size=(max(1, int(n / url_share)), 2), dtype=np.uint64) * 2
+    keys["uid_hi"], keys["uid_lo"] = (rng.integers(0, 2**63, n, dtype=np.uint64) * 2 for _ in "hl")
+    u = rng.integers(0, len(urls), n)
+    keys["url_hi"], keys["url_lo"] = urls[u, 0], urls[u, 1]
+    keys["label"] = rng.integers(0, 50, n)
+    keys["has_url"] = 1
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    if parts > 1:
+        src = rng.integers(0, bounds[1], n // 10)
+        dst = rng.integers(bounds[1], n, n // 10)
+        relabel = rng.random(n // 10) < 0.3
+        keys[dst] = keys[src]
+        keys["label"][dst[relabel]] = (keys["label"][src[relabel]] + 1) % 50
+    return [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def write_scan_keys(out: str, parts: list[np.ndarray]) -> tuple[list[int], list[int]]:
+    """Write ``parts`` (from :func:`scan_keys`) as the keys files of scan parts 0, 1, ... of a
+    text-filter output ``out`` (local); returns their indices and record counts, as the
+    driver's global pass takes them."""
+    import os
+
+    from pipeline.text_filter import SCAN_DIR, _keys_path
+
+    os.makedirs(os.path.join(out, SCAN_DIR), exist_ok=True)
+    for i, keys in enumerate(parts):
+        with open(_keys_path(out, i), "wb") as f:
+            f.write(keys.tobytes())
+    return list(range(len(parts))), [len(k) for k in parts]

@@ -1160,33 +1160,6 @@ def test_global_buckets_fit_the_memory_budget():
         TextFilterConfig(global_memory_mb=-1)
 
 
-def _random_scan_keys(out, parts, n, seed, url_share=2):
-    """Keys files of ``parts`` scan parts (n records in all) as scans write them: random uids,
-    URLs shared by several uids, rows repeated in later parts (the same row in two files), and
-    rows under two labels (ambiguous rows kept)."""
-    from pipeline.text_filter import KEY_DTYPE, _keys_path
-
-    rng = np.random.default_rng(seed)
-    keys = np.zeros(n, dtype=KEY_DTYPE)
-    urls = rng.integers(0, 2**63, size=(n // url_share, 2), dtype=np.uint64) * np.uint64(2)
-    keys["uid_hi"], keys["uid_lo"] = (rng.integers(0, 2**63, n, dtype=np.uint64) for _ in "hl")
-    u = rng.integers(0, len(urls), n)
-    keys["url_hi"], keys["url_lo"] = urls[u, 0], urls[u, 1]
-    keys["label"] = rng.integers(0, 50, n)
-    keys["has_url"] = 1
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    src = rng.integers(0, bounds[1], n // 10)  # rows of part 0 found again later
-    dst = rng.integers(bounds[1], n, n // 10)
-    relabel = rng.random(n // 10) < 0.3  # ...some of them under another class
-    keys[dst] = keys[src]
-    keys["label"][dst[relabel]] = (keys["label"][src[relabel]] + 1) % 50
-    os.makedirs(os.path.join(out, "_scan"))
-    for i in range(parts):
-        with open(_keys_path(out, i), "wb") as f:
-            f.write(keys[bounds[i] : bounds[i + 1]].tobytes())
-    return list(range(parts)), np.diff(bounds).tolist()
-
-
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -1203,10 +1176,11 @@ def test_global_filters_in_url_buckets_equal_one_pass_in_a_fraction_of_the_memor
     import dataclasses
     import tracemalloc
 
+    from pipeline.synthetic import scan_keys, write_scan_keys
     from pipeline.text_filter import global_pass
 
     out = str(tmp_path / "out")
-    done, matched = _random_scan_keys(out, 5, 200_000, seed=1)
+    done, matched = write_scan_keys(out, scan_keys(200_000, 5, seed=1))
     results = {}
     for mb in (0, 1):
         c = dataclasses.replace(cfg, global_memory_mb=mb)
