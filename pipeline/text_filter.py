@@ -1376,9 +1376,13 @@ def run_text_filter(
         out,
         {
             # task_rows only regroups the work, and split_rows acts through the units: a rerun
-            # with others that cut the files the same way reuses the scans.
+            # with others that cut the files the same way reuses the scans. global_memory_mb
+            # changes only how the driver works (a rerun after it ran out of memory, with a
+            # smaller budget, reuses them too).
             "config": {
-                k: v for k, v in to_dict(cfg).items() if k not in ("task_rows", "split_rows")
+                k: v
+                for k, v in to_dict(cfg).items()
+                if k not in ("task_rows", "split_rows", "global_memory_mb")
             },
             "classes": classes,
             "synonyms": synonyms,

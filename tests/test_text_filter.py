@@ -1091,6 +1091,45 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     assert _parts(out) == _parts(clean)
 
 
+def test_a_driver_out_of_memory_reruns_in_buckets_on_the_same_scans(
+    tmp_path, dataset_yaml, monkeypatch
+):
+    """The driver ran out of memory in its global pass after the scan: the rerun with a smaller
+    global_memory_mb (in buckets) reuses every scan part and writes what a clean run writes."""
+    import pipeline.text_filter as tf
+
+    meta = _split_input(tmp_path)
+    out = str(tmp_path / "out")
+
+    def oom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(tf, "global_keep_keys", oom)
+    with pytest.raises(MemoryError):
+        run_text_filter(TextFilterConfig(split_rows=500), dataset_yaml, meta, out)
+    monkeypatch.undo()
+    scan = os.path.join(out, "_scan")
+    before = {p: os.stat(os.path.join(scan, p)).st_mtime_ns for p in os.listdir(scan)}
+    seen = {}
+    real = tf.io.remove
+
+    def remove(url):  # look at the scan directory just before the driver clears it
+        if url.rstrip("/") == scan:
+            seen.update({p: os.stat(os.path.join(scan, p)).st_mtime_ns for p in before})
+        return real(url)
+
+    monkeypatch.setattr(tf.io, "remove", remove)
+    monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", 1 << 14)
+    cfg = TextFilterConfig(split_rows=500, global_memory_mb=1)
+    stats = run_text_filter(cfg, dataset_yaml, meta, out)
+    assert stats["global_buckets"] >= 8
+    assert seen == before  # not one scan part, keys file or marker rewritten
+    clean = str(tmp_path / "clean")
+    monkeypatch.undo()
+    run_text_filter(TextFilterConfig(split_rows=500), dataset_yaml, meta, clean)
+    assert _parts(out) == _parts(clean)
+
+
 def test_job_progress_counts_the_tasks_of_its_own_jobs(spark):
     """The scan's bar moves as tasks finish, counts only the jobs started inside its block, and
     leaves later jobs out of its job group."""
