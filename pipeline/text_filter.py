@@ -1144,6 +1144,12 @@ def global_pass(
     cand_idx = np.zeros(0, dtype=np.int64)
     survivors = 0
     sizes = _keys_sizes(out, done, matched) if buckets > 1 else None
+    if buckets > 1:
+        (log.warning if buckets > 256 else log.info)(
+            "text filter: %d matches in %d URL buckets (filter.global_memory_mb=%d); the keys "
+            "are read once per bucket",
+            n, buckets, cfg.global_memory_mb,
+        )  # fmt: skip
     from tqdm import tqdm
 
     bar = tqdm(range(buckets), desc="global filters", unit="bucket", disable=buckets == 1 or None)
