@@ -752,7 +752,8 @@ def test_url_run_starting_with_a_repeated_row(kernel, monkeypatch):
 def test_sort_keys_equals_lexsort():
     """_sort_keys (a value sort of the first key's high bits, ties fixed by the whole keys)
     gives np.lexsort's order: random hashes, keys differing only in their low bits (ties of
-    the packed sort), exact repeats (by row number), empty and single rows."""
+    the packed sort), exact repeats (by row number), three keys and six, empty and single
+    rows."""
     import numpy as np
 
     from pipeline.text_filter import _sort_keys
@@ -766,9 +767,15 @@ def test_sort_keys_equals_lexsort():
             rng.integers(0, 3, n, dtype=u64),
         ]
         for first in firsts:
-            rest = (rng.integers(0, 3, n, dtype=u64), rng.integers(0, 2, n).astype(np.int64))
-            got = _sort_keys(first, *rest)
-            assert got.tolist() == np.lexsort((*reversed(rest), first)).tolist()
+            # Two more keys, or five (as URL de-duplication sorts: rows equal in the first three
+            # are sorted by the rest apart), with few values each: ties in every key.
+            for more in (2, 5):
+                rest = tuple(
+                    rng.integers(0, 3, n, dtype=u64) if k % 2 else rng.integers(0, 2, n)
+                    for k in range(more)
+                )
+                got = _sort_keys(first, *rest)
+                assert got.tolist() == np.lexsort((*reversed(rest), first)).tolist()
 
 
 def test_uids_equal_the_io_definition():
