@@ -1172,8 +1172,9 @@ def global_pass(
     cand = [np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int32)]
     cand_idx = np.zeros(0, dtype=np.int64)
     survivors = 0
-    sizes = _keys_sizes(out, done, matched) if buckets > 1 else None
+    sizes = None
     if buckets > 1:
+        sizes = _keys_sizes(out, done, matched)  # checked once, for every bucket's reads
         (log.warning if buckets > 256 else log.info)(
             "text filter: %d matches in %d URL buckets (filter.global_memory_mb=%d); the keys "
             "are read once per bucket",
