@@ -28,10 +28,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 def _child(kind: str, matches: str, out: str, processes: int, threads: int, shard: int) -> None:
     """Run one download in this (fresh) process; print its seconds and image count as JSON."""
-    from pipeline import io
+    from pipeline.core import io
 
     if kind == "primer":
-        from pipeline.download import DownloadConfig, run_download
+        from pipeline.download.stage import DownloadConfig, run_download
 
         cfg = DownloadConfig(
             processes=processes,
@@ -77,7 +77,7 @@ def _run_child(kind: str, matches: str, out: str, args) -> dict:
 def _urlcheck_rows(n: int) -> list[dict]:
     import pyarrow as pa
 
-    from pipeline.urlcheck import check_url, check_urls
+    from pipeline.download.urlcheck import check_url, check_urls
 
     urls = pa.array([f"https://img{i % 997}.example.com/p/{i}.jpg?w=640" for i in range(n)])
     py = urls.to_pylist()
@@ -122,8 +122,8 @@ def main() -> None:
 
     import pyarrow as pa
 
-    from pipeline import io
-    from pipeline.imageserver import ImageServer
+    from pipeline.core import io
+    from pipeline.demo.imageserver import ImageServer
 
     n = args.images or (600 if args.quick else 3000)
     args.shard = args.shard or max(50, n // 8)

@@ -6,7 +6,7 @@ Rows (same model, batch size, device and precision):
   device (the ceiling: no decode, no transfer).
 - ``data path only``: the DataLoader workers reading tars and decoding/resizing images,
   with no model (the decode ceiling for this many workers).
-- ``primer embed``: :func:`pipeline.embed.embed_shards` end to end (tar read, decode, resize,
+- ``primer embed``: :func:`pipeline.embed.stage.embed_shards` end to end (tar read, decode, resize,
   host->device, forward, normalise, write), timed by the stage itself (model load excluded).
 
 The ratio column is images/s relative to the bare forward: how much the data path costs.
@@ -36,8 +36,15 @@ import time
 import numpy as np
 from _util import table
 
-from pipeline import io
-from pipeline.embed import EmbedConfig, _loader, _unit_dataset, embed_shards, load_model, plan_units
+from pipeline.core import io
+from pipeline.embed.stage import (
+    EmbedConfig,
+    _loader,
+    _unit_dataset,
+    embed_shards,
+    load_model,
+    plan_units,
+)
 
 
 def _smooth_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -56,7 +63,7 @@ def _write_tar(path: str, first: int, last: int, source: str, seed: int) -> None
     rng = np.random.default_rng([seed, first])
     fashion = None
     if source == "fashion-mnist":
-        from pipeline.imageserver import load_fashion_mnist
+        from pipeline.demo.imageserver import load_fashion_mnist
 
         fashion = load_fashion_mnist("train")[0]
     with tarfile.open(path, "w") as tf:
@@ -88,7 +95,7 @@ def make_shards(out: str, n_images: int, n_shards: int, source: str, seed: int =
 
     if source in ("auto", "fashion-mnist"):
         try:
-            from pipeline.imageserver import load_fashion_mnist
+            from pipeline.demo.imageserver import load_fashion_mnist
 
             load_fashion_mnist("train")
             source = "fashion-mnist"
@@ -114,7 +121,7 @@ def bare_forward(cfg: EmbedConfig, n_images: int) -> float:
     """images/s of ``encode_image`` on device-resident tensors (after warm-up)."""
     import torch
 
-    from pipeline.embed import _autocast
+    from pipeline.embed.stage import _autocast
 
     lm = load_model(cfg)
     s = lm.image_size

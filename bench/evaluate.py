@@ -6,7 +6,7 @@ and 3 seeds. Rows:
 
 - baseline: the same centroid table built the direct way, every head refitted from the raw
   features with ``np.add.at`` (what a straightforward implementation does), alpha fixed;
-- centroid, alpha fixed / auto: :func:`pipeline.evaluate.evaluate_task` (priming class sums
+- centroid, alpha fixed / auto: :func:`pipeline.evaluate.stage.evaluate_task` (priming class sums
   computed once, leave-one-out and k-fold alpha choice in closed form);
 - tip-adapter: the Tip-Adapter head with its (a, b) search, cache = priming + shots;
 - run_evaluate: the stage end to end, reading the embeddings from disk and writing results.
@@ -23,10 +23,10 @@ import tempfile
 import numpy as np
 from _util import table, timed
 
-from pipeline import classify as C
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.evaluate import EvaluateConfig, Task, evaluate_task, run_evaluate
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.evaluate import classify as C
+from pipeline.evaluate.stage import EvaluateConfig, Task, evaluate_task, run_evaluate
 
 CLASSES, DIM = 200, 512
 

@@ -3,7 +3,7 @@
     python bench/global_filters.py                 # 1.45M matches in 8 parts (~1 min)
     python bench/global_filters.py --rows 10000000 --url-share 1.2
 
-Keys from pipeline.synthetic.scan_keys (random uids; URLs shared by about ``--url-share`` uids
+Keys from pipeline.demo.synthetic.scan_keys (random uids; URLs shared by about ``--url-share`` uids
 each; a tenth of the rows repeated in later parts, some under another class), written as a
 scan writes them. For URL de-duplication alone, without it, and with a per-class cap: the
 peak memory the pass allocates (tracemalloc; numpy reports its buffers to it) per match, and
@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--url-share", type=float, default=2.0, help="uids per URL, about")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.synthetic import scan_keys, write_scan_keys
-    from pipeline.text_filter import GLOBAL_BYTES_PER_MATCH, TextFilterConfig, global_pass
+    from pipeline.demo.synthetic import scan_keys, write_scan_keys
+    from pipeline.text_filter.stage import GLOBAL_BYTES_PER_MATCH, TextFilterConfig, global_pass
 
     tmp = tempfile.mkdtemp(prefix="primer-bench-global-")
     try:

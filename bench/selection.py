@@ -5,7 +5,7 @@ k = 10, on CPU with every core. Rows:
 
 - torch matmul+topk (baseline): ``(q @ P^T).topk(k)`` in query batches, what a
   straightforward implementation does;
-- faiss exact: :func:`pipeline.knn.search` with an ``IndexFlatIP`` (index build, batched search
+- faiss exact: :func:`pipeline.select.knn.search` with an ``IndexFlatIP`` (index build, batched search
   and the deterministic rescoring the stage does);
 - faiss IVF: the same with ``IndexIVFFlat`` (nlist = sqrt(N) here, so k-means stays short on 2
   cores) and a fixed nprobe (``--nprobe``, default nlist/32; 0 calibrates it to the config's
@@ -35,8 +35,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from _util import table  # noqa: E402
 
-import pipeline.knn as knn  # noqa: E402
-from pipeline.knn import KnnConfig, recall_at_k, search  # noqa: E402
+import pipeline.select.knn as knn  # noqa: E402
+from pipeline.select.knn import KnnConfig, recall_at_k, search  # noqa: E402
 
 K, DIM = 10, 512
 

@@ -14,7 +14,7 @@ call to _SUCCESS) and Spark's `rlike` with one big case-insensitive alternation 
 run in turns five times (medians; this shared 2-core machine's speed drifts over minutes,
 so the end-to-end/rlike ratio is taken run by run); a naive per-class Python regex loop on a
 slice. Ratios in the table are against the matcher (default engine).
-Captions: pipeline.synthetic (LAION-like, mean ~67 characters, 5% planted class names).
+Captions: pipeline.demo.synthetic (LAION-like, mean ~67 characters, 5% planted class names).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     n = args.rows or (200_000 if args.quick else 2_000_000)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from pipeline.config import load_dataset
+    from pipeline.core.config import load_dataset
 
     classes = list(load_dataset("ImageNet").classes)
     tmp = tempfile.mkdtemp(prefix="primer-bench-filter-")
@@ -66,8 +66,8 @@ def run(
     task_rows: int | None,
     split_rows: int | None,
 ) -> None:
-    from pipeline.matcher import ENGINES, Matcher
-    from pipeline.synthetic import laion_table, make_captions
+    from pipeline.demo.synthetic import laion_table, make_captions
+    from pipeline.text_filter.matcher import ENGINES, Matcher
 
     meta = os.path.join(tmp, "meta")
     os.makedirs(meta)
@@ -136,8 +136,8 @@ def run(
         f"no Spark, nothing written: local[2]'s ceiling on this machine{spread}",
     )
 
-    from pipeline.spark import get_spark
-    from pipeline.text_filter import TextFilterConfig, run_text_filter
+    from pipeline.core.spark import get_spark
+    from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
 
     settings = {"task_rows": task_rows, "split_rows": split_rows}
     cfg = TextFilterConfig(**{k: v for k, v in settings.items() if v is not None})
@@ -246,8 +246,8 @@ def _two_process_floor(meta: str, files: int, classes: list[str], turns: int) ->
 
 
 def _floor_worker(paths: list[str], classes: list[str], barrier, turns: int, q) -> None:
-    from pipeline.config import load_dataset
-    from pipeline.text_filter import TextFilterConfig, _matcher, resolve_columns
+    from pipeline.core.config import load_dataset
+    from pipeline.text_filter.stage import TextFilterConfig, _matcher, resolve_columns
 
     synonyms = {k: list(v) for k, v in load_dataset("ImageNet").synonyms.items()}
     cfg = TextFilterConfig()

@@ -15,7 +15,7 @@ import sys
 
 import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 
 def run(argv: list[str]) -> int:

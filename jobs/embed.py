@@ -29,13 +29,13 @@ import sys
 
 import _bootstrap  # noqa: F401  (puts the repo root on sys.path)
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 
 def _spark_ranks(argv: list[str]) -> int:
     """Run ``primer embed`` ranks 0..W-1 as Spark tasks, one GPU each; returns an exit code."""
-    from pipeline.cli import build_parser
-    from pipeline.spark import get_spark
+    from pipeline.app.cli import build_parser
+    from pipeline.core.spark import get_spark
 
     args = build_parser().parse_args(["embed", *argv])
     if not args.world_size:

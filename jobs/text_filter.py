@@ -16,7 +16,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["filter", *sys.argv[1:]]))

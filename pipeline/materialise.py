@@ -28,9 +28,9 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.config import stage_config
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import stage_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def read_choice(url: str) -> dict[str, Chosen]:
     """``uid -> Chosen`` for the kept rows of a decision directory. An embedding directory
     (no filter ran) counts as keeping every row, with score NaN and reason ``pool``.
 
-    Raises :class:`pipeline.io.InputError` when ``url`` is neither complete decision nor
+    Raises :class:`pipeline.core.io.InputError` when ``url`` is neither complete decision nor
     complete embeddings.
     """
     if E.is_decision(url):
@@ -153,11 +153,11 @@ def run_materialise(
     the class name and caption come from the shard. Samples skipped are counted by reason
     (``bad_json``, ``no_image``, ``duplicate``); kept uids absent from the shards are counted
     as ``missing_from_shards``. Skips a complete ``out`` unless ``overwrite``. Raises
-    :class:`pipeline.io.InputError` for a bad format, decision or shard location.
+    :class:`pipeline.core.io.InputError` for a bad format, decision or shard location.
     """
     from tqdm import tqdm
 
-    from pipeline.embed import iter_tar_samples
+    from pipeline.embed.stage import iter_tar_samples
 
     if fmt not in FORMATS:
         raise io.InputError(f"format must be webdataset or imagefolder, not {fmt!r}")
@@ -285,7 +285,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from pipeline.download import DownloadConfig
+    from pipeline.download.stage import DownloadConfig
 
     per_shard = stage_config(
         DownloadConfig, "download", args.config, args.overrides

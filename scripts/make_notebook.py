@@ -23,7 +23,7 @@ cells = [
         "import pandas as pd\n"
         "from IPython.display import Markdown, display\n"
         "from PIL import Image\n"
-        "from pipeline.report import collect_run\n"
+        "from pipeline.report.page import collect_run\n"
         "\n"
         "run = collect_run(RUN_DIR, per_class=PER_CLASS)\n"
         "if run.untrained:\n"

@@ -44,7 +44,7 @@ os.environ.update(
 @pytest.fixture(scope="session")
 def image_server():
     """A loopback HTTP server of real images (Fashion-MNIST, scikit-image) and failure modes."""
-    from pipeline.imageserver import ImageServer
+    from pipeline.demo.imageserver import ImageServer
 
     with ImageServer() as server:
         yield server
@@ -79,7 +79,7 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def spark():
     """One local[2] Spark session per test worker (starting one costs about 10 s)."""
-    from pipeline.spark import get_spark
+    from pipeline.core.spark import get_spark
 
     session = get_spark("local[2]", app_name="primer-tests")
     yield session
@@ -95,7 +95,7 @@ def laion_parquet(tmp_path):
     """
     import pyarrow.parquet as pq
 
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     def make(
         n=1000,
@@ -121,7 +121,7 @@ def laion_parquet(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model_name():
     """Register Primer's tiny open_clip config (64 px ViT, ~7M parameters); return its name."""
-    from pipeline.torchcompat import import_open_clip
+    from pipeline.core.torchcompat import import_open_clip
 
     open_clip = import_open_clip()
     open_clip.add_model_config(os.path.join(_REPO, "conf", "models"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import classify as C
+from pipeline.evaluate import classify as C
 
 
 def unit(x):

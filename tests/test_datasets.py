@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, DatasetSpec, list_datasets, load_dataset
-from pipeline.matcher import normalize_text
-from pipeline.tasks import LAYOUTS
+from pipeline.core.config import ConfigError, DatasetSpec, list_datasets, load_dataset
+from pipeline.embed.tasks import LAYOUTS
+from pipeline.text_filter.matcher import normalize_text
 
 EXPECTED = {
     "ImageNet": (
@@ -204,7 +204,7 @@ def test_imagenet_descriptions_are_keyed_by_imagenet_names():
 
 def test_descriptions_can_be_skipped():
     """The text filter loads a dataset without its descriptions; the rest is the same."""
-    from pipeline.config import load_dataset
+    from pipeline.core.config import load_dataset
 
     full, bare = load_dataset("ImageNet"), load_dataset("ImageNet", descriptions=False)
     assert bare.descriptions is None and full.descriptions

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import io
-from pipeline.config import ConfigError, stage_config
-from pipeline.download import (
+from pipeline.core import io
+from pipeline.core.config import ConfigError, stage_config
+from pipeline.download.stage import (
     DownloadConfig,
     build_manifest,
     dedupe,
@@ -165,7 +165,7 @@ def test_refusal_without_opt_in_fetches_nothing(tmp_path, image_server):
 def test_connect_time_check_refuses_private_peers(image_server):
     """The check on the address a host resolved to (redirects, DNS): loopback without the
     opt-in is refused after the TCP connect and before any request byte is sent."""
-    from pipeline import _img2dataset_limits as lim
+    from pipeline.download import limits as lim
 
     hits = image_server.hits
     with pytest.raises(ConnectionRefusedError, match="refused_address"):
@@ -258,7 +258,7 @@ def test_killed_run_resumes(tmp_path, image_server, capsys):
     done_before = {n for n in os.listdir(out) if n.endswith("_stats.json")}
     assert done_before and not io.is_done(out)
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     capsys.readouterr()
     assert main(args) == 0

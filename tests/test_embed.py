@@ -11,10 +11,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.embed import EmbedConfig, embed_shards, embed_task, embed_text
-from pipeline.imageserver import fashion_mnist_bytes, skimage_bytes
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.demo.imageserver import fashion_mnist_bytes, skimage_bytes
+from pipeline.embed.stage import EmbedConfig, embed_shards, embed_task, embed_text
 
 DATASET = "FashionMNIST"
 
@@ -106,7 +106,7 @@ def test_reruns_and_batch_sizes_agree_and_resume_skips_done(tmp_path, cfg):
 def test_checkpoint_round_trip_and_code_pickle_refused(tmp_path, cfg):
     import torch
 
-    from pipeline.embed import load_model
+    from pipeline.embed.stage import load_model
 
     make_shards(str(tmp_path / "shards"), n_shards=1, bad=False)
     lm = load_model(cfg)
@@ -140,7 +140,7 @@ def test_checkpoint_round_trip_and_code_pickle_refused(tmp_path, cfg):
 def test_missing_checkpoint_and_offline_tag_say_what_to_do(cfg):
     from dataclasses import replace
 
-    from pipeline.embed import load_model
+    from pipeline.embed.stage import load_model
 
     with pytest.raises(io.InputError, match="does not exist"):
         load_model(replace(cfg, pretrained="", checkpoint="/nonexistent/model.pt"))
@@ -149,7 +149,7 @@ def test_missing_checkpoint_and_offline_tag_say_what_to_do(cfg):
 
 
 def test_task_imagefolder_and_text(tmp_path, cfg):
-    from pipeline.demo import write_task_imagefolder
+    from pipeline.demo.run import write_task_imagefolder
 
     root = str(tmp_path / "task")
     write_task_imagefolder(root, train_per_class=2, test_per_class=3)
@@ -172,8 +172,8 @@ def test_task_imagefolder_and_text(tmp_path, cfg):
 
 def test_task_torchvision_pets_layout(tmp_path, cfg):
     """OxfordIIITPet as torchvision lays it out: images/ and annotations/{trainval,test}.txt."""
-    from pipeline.config import load_dataset
-    from pipeline.tasks import list_task_images
+    from pipeline.core.config import load_dataset
+    from pipeline.embed.tasks import list_task_images
 
     base = tmp_path / "oxford-iiit-pet"
     (base / "images").mkdir(parents=True)
@@ -231,7 +231,7 @@ def test_ranks_split_shards_and_parts_split_a_shard(tmp_path, cfg):
 
 
 def test_cli_end_to_end_and_text_with_descriptions(tmp_path, tiny_model_name, capsys):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     shards = str(tmp_path / "shards")
     make_shards(shards, n_shards=1, per=4)
@@ -268,7 +268,7 @@ def test_pretrained_tag_offline_says_what_to_do(cfg):
     """HF_HUB_OFFLINE=1 (conftest): open_clip cannot fetch the weights and makes no request."""
     from dataclasses import replace
 
-    from pipeline.embed import load_model
+    from pipeline.embed.stage import load_model
 
     with pytest.raises(io.InputError, match="--checkpoint PATH"):
         load_model(replace(cfg, model="ViT-B-32", pretrained="laion2b_s34b_b79k"))

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import embeddings as E
-from pipeline import io
+from pipeline.core import embeddings as E
+from pipeline.core import io
 
 
 def _unit(rng, n, d):

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 from test_classify import clusters, unit
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.cli import main
-from pipeline.config import ConfigError, stage_config
-from pipeline.evaluate import EvaluateConfig, Task, evaluate_task, render_table
+from pipeline.app.cli import main
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import ConfigError, stage_config
+from pipeline.evaluate.stage import EvaluateConfig, Task, evaluate_task, render_table
 
 
 def synthetic_task(seed=0, cupl=False):

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import io
-from pipeline.imageserver import FASHION_CLASSES, load_fashion_mnist
-from pipeline.synthetic import laion_table, make_captions
+from pipeline.core import io
+from pipeline.demo.imageserver import FASHION_CLASSES, load_fashion_mnist
+from pipeline.demo.synthetic import laion_table, make_captions
 
 
 def _get(url: str, timeout: float = 5.0):

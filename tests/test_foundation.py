@@ -9,9 +9,9 @@ import sys
 import pyarrow as pa
 import pytest
 
-from pipeline import io
-from pipeline.cli import main
-from pipeline.config import ConfigError, build, load_config, parse_set, stage_config
+from pipeline.app.cli import main
+from pipeline.core import io
+from pipeline.core.config import ConfigError, build, load_config, parse_set, stage_config
 
 # ------------------------------------------------------------------ uid
 

@@ -17,8 +17,8 @@ How each stage is run (all inputs built in ``tmp_path``, only loopback is ever c
 - ``filter-spark``: one real local[2] Spark run of :func:`run_text_filter` with
   ``skip_bad_files`` over one directory holding every such file plus a good one;
 - ``filter-core``: the pure core :func:`filter_batch` on an Arrow record batch;
-- ``dataset-yaml``: :func:`pipeline.config.load_dataset` on a YAML file;
-- ``url-check``: :func:`pipeline.urlcheck.check_url` (and the vectorised ``check_urls``),
+- ``dataset-yaml``: :func:`pipeline.core.config.load_dataset` on a YAML file;
+- ``url-check``: :func:`pipeline.download.urlcheck.check_url` (and the vectorised ``check_urls``),
   no network: internal addresses are only ever judged, never contacted;
 - ``download``: one real img2dataset run (``allow_private_addresses`` on, for the loopback
   image server) over every such URL;
@@ -47,9 +47,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.config import ConfigError
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import ConfigError
 
 # ------------------------------------------------------------------------------ the model
 
@@ -208,19 +208,19 @@ def _yaml(text: str | bytes, extra: dict[str, str] | None = None) -> Callable[[s
 
 
 def _awkward(name: str) -> bytes:
-    from pipeline.imageserver import awkward_images
+    from pipeline.demo.imageserver import awkward_images
 
     return awkward_images()[name]
 
 
 def _png_bomb(width: int, height: int) -> bytes:
-    from pipeline.imageserver import png_bomb
+    from pipeline.demo.imageserver import png_bomb
 
     return png_bomb(width, height)
 
 
 def _photo() -> bytes:
-    from pipeline.imageserver import skimage_bytes
+    from pipeline.demo.imageserver import skimage_bytes
 
     return skimage_bytes("chelsea")
 
@@ -311,10 +311,10 @@ def _downloaded_like(name: str, mode: str) -> Callable[[dict], bool]:
 
 
 def _decoded_like(name: str) -> Callable[[dict], bool]:
-    """The embedder's decoder (:func:`pipeline.embed.decode_image`) keeps the intensities."""
+    """The embedder's decoder (:func:`pipeline.embed.stage.decode_image`) keeps the intensities."""
 
     def check(d: dict) -> bool:
-        from pipeline.embed import decode_image
+        from pipeline.embed.stage import decode_image
 
         rgb = decode_image(_awkward(name), None, lambda im: np.asarray(im), 64)
         assert abs(float(rgb.mean()) - _reference_mean(name)) < 2, rgb.mean()
@@ -622,7 +622,7 @@ def _files_outside(root: str, allowed: list[str]) -> list[str]:
 
 
 def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
-    from pipeline.text_filter import TextFilterConfig, check_inputs
+    from pipeline.text_filter.stage import TextFilterConfig, check_inputs
 
     path = str(tmp_path / f"{case.name}.parquet")
     case.build_input(path)
@@ -634,8 +634,8 @@ def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
 
 
 def run_filter_core(case: HostileCase) -> Outcome:
-    from pipeline.matcher import Matcher
-    from pipeline.text_filter import TextFilterConfig, filter_batch, resolve_columns
+    from pipeline.text_filter.matcher import Matcher
+    from pipeline.text_filter.stage import TextFilterConfig, filter_batch, resolve_columns
 
     cfg = TextFilterConfig()
     batch = case.build_input()
@@ -652,7 +652,7 @@ def run_filter_core(case: HostileCase) -> Outcome:
 
 
 def run_dataset_yaml(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
-    from pipeline.config import load_dataset
+    from pipeline.core.config import load_dataset
 
     path = str(tmp_path / f"{case.name}.yaml")
     case.build_input(path)
@@ -664,7 +664,7 @@ def run_dataset_yaml(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
 
 
 def run_url_check(case: HostileCase) -> Outcome:
-    from pipeline.urlcheck import check_url, check_urls
+    from pipeline.download.urlcheck import check_url, check_urls
 
     url = case.build_input()
     reason = check_url(url)
@@ -673,7 +673,7 @@ def run_url_check(case: HostileCase) -> Outcome:
 
 
 def run_checkpoint(case: HostileCase, tmp_path, tiny_model_name) -> tuple[Outcome, str]:
-    from pipeline.embed import EmbedConfig, load_model
+    from pipeline.embed.stage import EmbedConfig, load_model
 
     path = str(tmp_path / f"{case.name}.pt")
     case.build_input(path)
@@ -730,7 +730,7 @@ def run_materialise_case(case: HostileCase, tmp_path) -> Outcome:
 def spark_filter_run(tmp_path_factory, spark):
     """One text-filter run (local Spark, ``skip_bad_files``) over every ``filter-spark`` input
     plus one good file; returns ``{case name: Outcome}`` and the run's stats."""
-    from pipeline.text_filter import TextFilterConfig, run_text_filter
+    from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
 
     root = tmp_path_factory.mktemp("filter")
     d = root / "in"
@@ -765,7 +765,7 @@ def download_run(tmp_path_factory, image_server):
 
     from PIL import Image
 
-    from pipeline.download import DownloadConfig, run_download
+    from pipeline.download.stage import DownloadConfig, run_download
 
     root = tmp_path_factory.mktemp("download")
     cases = _of("download")
@@ -816,7 +816,7 @@ def download_run(tmp_path_factory, image_server):
 def embed_run(tmp_path_factory, tiny_model_name):
     """One embedding run over a tar per ``embed`` case (the case's name is its sample's uid
     and its tar's name); returns ``{case name: Outcome}`` and the stats."""
-    from pipeline.embed import EmbedConfig, embed_shards
+    from pipeline.embed.stage import EmbedConfig, embed_shards
 
     root = tmp_path_factory.mktemp("embed")
     shards = root / "x" / "y" / "shards"
@@ -893,8 +893,8 @@ def test_header_check_leaves_pillows_bomb_guard_on():
     to switch it off for the whole process, the embedder's decoding included)."""
     from PIL import Image
 
-    from pipeline import _img2dataset_limits as lim
-    from pipeline.imageserver import png_bomb
+    from pipeline.demo.imageserver import png_bomb
+    from pipeline.download import limits as lim
 
     before = Image.MAX_IMAGE_PIXELS
     assert lim.header_pixels(png_bomb()) == 30000 * 30000
@@ -941,7 +941,7 @@ def test_s3_failing_part_way_then_rerun_completes(
     the rows and features of a clean local run."""
     import s3fs
 
-    from pipeline.embed import EmbedConfig, embed_shards
+    from pipeline.embed.stage import EmbedConfig, embed_shards
     from tests.test_embed import make_shards
 
     shards = str(tmp_path / "shards")

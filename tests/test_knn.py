@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.knn import KnnConfig, gpu_count, recall_at_k, search, search_grouped, topk_numpy
+from pipeline.select.knn import (
+    KnnConfig,
+    gpu_count,
+    recall_at_k,
+    search,
+    search_grouped,
+    topk_numpy,
+)
 
 
 def unit(x):

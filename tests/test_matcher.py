@@ -10,7 +10,7 @@ import unicodedata
 import pyarrow as pa
 import pytest
 
-from pipeline.matcher import Matcher, normalize_text
+from pipeline.text_filter.matcher import Matcher, normalize_text
 
 CLASSES = [
     "cat",
@@ -102,7 +102,7 @@ def test_ambiguous_rows_list_every_class(engine):
 
 
 def test_engines_agree_on_realistic_captions():
-    from pipeline.synthetic import make_captions
+    from pipeline.demo.synthetic import make_captions
 
     names = [
         "golden retriever",
@@ -231,7 +231,7 @@ def test_token_automaton_finds_every_occurrence_like_brute_force():
 
     import numpy as np
 
-    from pipeline import _token_ac as tac
+    from pipeline.text_filter import token_ac as tac
 
     rng = random.Random(5)
     vocab = ["a", "b", "c", "d", "ab", "x1", "zz"]
@@ -248,7 +248,11 @@ def test_token_automaton_finds_every_occurrence_like_brute_force():
         offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32).astype(np.int64)
         values = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
         r, s, e, p, special = tac.scan(
-            a, values, offsets, tac.LUT_RAW, __import__("pipeline.matcher").matcher._ENTITIES
+            a,
+            values,
+            offsets,
+            tac.LUT_RAW,
+            __import__("pipeline.text_filter.matcher", fromlist=["_ENTITIES"])._ENTITIES,
         )
         assert not special.any()
         got = sorted(
@@ -306,7 +310,7 @@ def test_non_ascii_characters_in_the_kernel_match_the_unicode_path():
     compatibility forms, surrogate-free planes): the tokens engine, once its code point table
     has learned them (the second pass takes the compiled path), gives the byte engine's answer
     (which always goes through NFKC in Python)."""
-    from pipeline import _token_ac
+    from pipeline.text_filter import token_ac as _token_ac
 
     cps = [*range(0x80, 0x3000), *range(0x3000, 0x3100), *range(0x4E00, 0x4E40),
            *range(0xAC00, 0xAC20), *range(0xF900, 0xF920), *range(0xFB00, 0xFB10),

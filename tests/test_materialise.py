@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.cli import main
-from pipeline.imageserver import fashion_mnist_bytes
+from pipeline.app.cli import main
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.demo.imageserver import fashion_mnist_bytes
 from pipeline.materialise import run_materialise, safe_name
 
 CLASSES = ["T-shirt/top", "Ankle boot", "Crème brûlée"]
@@ -105,7 +105,7 @@ def test_webdataset_reads_back_and_is_byte_identical(tmp_path, inputs):
 
 
 def test_imagefolder_reads_back_with_the_right_class_folders(tmp_path, inputs):
-    from pipeline.torchcompat import ensure_torchvision
+    from pipeline.core.torchcompat import ensure_torchvision
 
     ensure_torchvision()
     from torchvision.datasets import ImageFolder

@@ -7,17 +7,17 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.cli import main
-from pipeline.knn import topk_numpy
-from pipeline.selection import (
+from pipeline.app.cli import main
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.select.filters import (
     SelectConfig,
     clip_score_decision,
     run_clip_filter,
     run_transductive,
     zero_shot,
 )
+from pipeline.select.knn import topk_numpy
 
 
 def unit(x):

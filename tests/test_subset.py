@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from pipeline import io
-from pipeline.demo import run_demo
-from pipeline.subset import STAGE_OUT, STAGES, SourceError, SubsetConfig, run_subset
+from pipeline.app.subset import STAGE_OUT, STAGES, SourceError, SubsetConfig, run_subset
+from pipeline.core import io
+from pipeline.demo.run import run_demo
 
 ROWS = 700
 
@@ -78,7 +78,7 @@ def test_demo_runs_every_stage(demo_run):
 
 def test_rerun_skips_everything(demo_run, port):
     calls = []
-    from pipeline.demo import demo_overrides
+    from pipeline.demo.run import demo_overrides
 
     def spy(argv):
         calls.append(argv)
@@ -133,7 +133,7 @@ def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path
 
 
 def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     run = str(tmp_path / "run")
     task = tmp_path / "task"
@@ -255,7 +255,7 @@ def test_notebook_executes_on_demo_output(demo_run, monkeypatch):
 
 
 def test_report_lists_every_class(demo_run):
-    from pipeline.imageserver import FASHION_CLASSES
+    from pipeline.demo.imageserver import FASHION_CLASSES
 
     html = open(os.path.join(demo_run, "report", "index.html"), encoding="utf-8").read()
     for c in FASHION_CLASSES:
@@ -268,7 +268,7 @@ def test_report_lists_every_class(demo_run):
     reason="Debian's chromium is not installed (make install adds it)",
 )
 def test_report_renders_in_headless_chromium(demo_run, tmp_path):
-    from pipeline.imageserver import FASHION_CLASSES
+    from pipeline.demo.imageserver import FASHION_CLASSES
 
     page = os.path.join(demo_run, "report", "index.html")
     r = subprocess.run(
@@ -302,7 +302,7 @@ def _stage_view(run: str, stage: str):
     """What the next stage sees of ``stage``'s output, in a comparable form."""
     import pyarrow.dataset as pds
 
-    from pipeline import embeddings as E
+    from pipeline.core import embeddings as E
 
     out = os.path.join(run, STAGE_OUT[stage])
     if stage == "filter":

@@ -1,4 +1,4 @@
-"""Target-task image layouts (pipeline/tasks.py): ImageFolder and torchvision's on-disk trees.
+"""Target-task image layouts (pipeline/embed/tasks.py): ImageFolder and torchvision's on-disk trees.
 
 The torchvision trees are built here file by file as torchvision's dataset classes leave them
 after a download (same folder names, annotation files and .mat structures), so the readers
@@ -13,10 +13,15 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import io
-from pipeline.config import DatasetSpec, load_dataset
-from pipeline.imageserver import fashion_mnist_bytes, load_fashion_mnist
-from pipeline.tasks import folder_name, list_task_images, torchvision_download, write_imagefolder
+from pipeline.core import io
+from pipeline.core.config import DatasetSpec, load_dataset
+from pipeline.demo.imageserver import fashion_mnist_bytes, load_fashion_mnist
+from pipeline.embed.tasks import (
+    folder_name,
+    list_task_images,
+    torchvision_download,
+    write_imagefolder,
+)
 
 JPEG = fashion_mnist_bytes("test", 0)
 

@@ -13,9 +13,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io
-from pipeline.cli import main
-from pipeline.text_filter import TextFilterConfig, run_text_filter
+from pipeline.app.cli import main
+from pipeline.core import io
+from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
 
 pytestmark = pytest.mark.usefixtures("spark")
 
@@ -46,7 +46,7 @@ KNOWN = [
 
 
 def _write(tmp_path, name, rows, schema="laion2b"):
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = tmp_path / name
     d.mkdir(exist_ok=True)
@@ -188,13 +188,13 @@ def test_scan_parts_left_without_a_fingerprint_are_not_trusted(tmp_path, dataset
     """A scan part with its marker but no record of the inputs it came from (here scanned with
     other settings) is rescanned, not reused; the output is a clean run's. (Reuse of a failed
     run's finished scans: test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces.)"""
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = _write(tmp_path, "in", KNOWN)  # one ambiguous caption: keep_ambiguous changes the part
     pq.write_table(laion_table(300, CLASSES, seed=1), os.path.join(d, "part-1.parquet"))
     out = str(tmp_path / "out")
     run_text_filter(TextFilterConfig(), dataset_yaml, d, str(tmp_path / "clean"))
-    from pipeline.text_filter import scan_file
+    from pipeline.text_filter.stage import scan_file
 
     io.makedirs(out)
     files = io.list_files(d, suffixes=(".parquet",))
@@ -205,7 +205,7 @@ def test_scan_parts_left_without_a_fingerprint_are_not_trusted(tmp_path, dataset
 
 
 def _three_files(tmp_path):
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = tmp_path / "in"
     d.mkdir()
@@ -222,7 +222,7 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
     thread: the first file's commit can wait for the second file's scan to start."""
     import threading
 
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     second_started = threading.Event()
@@ -260,7 +260,7 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
 
 
 def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, monkeypatch):
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     real_commit = io.StagedFile.commit
@@ -293,7 +293,7 @@ def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypat
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     second_started, failed = threading.Event(), threading.Event()
@@ -348,7 +348,7 @@ def _garble_captions(path):
 def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkeypatch):
     import time as _time
 
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     _garble_captions(files[1][1])
@@ -369,7 +369,7 @@ def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkey
 def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monkeypatch, caplog):
     import time as _time
 
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     _garble_captions(files[1][1])
@@ -386,7 +386,7 @@ def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monk
 
 
 def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     out = str(tmp_path / "out")
     files = _three_files(tmp_path)
@@ -406,7 +406,7 @@ def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
 
 
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path, monkeypatch):
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     table = laion_table(
         len(KNOWN), schema="relaion", urls=[r[0] for r in KNOWN], captions=[r[1] for r in KNOWN]
@@ -427,7 +427,7 @@ def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path, monkeypatch):
     got = ds.dataset(io.url_to_fs(out3)[1], filesystem=fs).to_table()
     assert got == ds.dataset(path, filesystem=fs).to_table()
     # The global filters in URL buckets, the keys read from the store once per bucket.
-    import pipeline.text_filter as tf
+    import pipeline.text_filter.stage as tf
 
     monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", 1 << 20)
     out4 = io.join(s3_bucket, "matches4")
@@ -505,8 +505,8 @@ def test_row_filters_in_the_pure_core():
     """filter_batch alone (no Spark): size, safety and similarity filters, counted by reason."""
     from collections import Counter
 
-    from pipeline.matcher import Matcher
-    from pipeline.text_filter import filter_batch, resolve_columns
+    from pipeline.text_filter.matcher import Matcher
+    from pipeline.text_filter.stage import filter_batch, resolve_columns
 
     batch = pa.RecordBatch.from_pydict(
         {
@@ -533,7 +533,7 @@ def test_row_filters_in_the_pure_core():
 
 
 def test_rerun_is_byte_identical_and_duplicate_files_count_once(tmp_path, dataset_yaml):
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = tmp_path / "in"
     d.mkdir()
@@ -561,7 +561,7 @@ def test_rerun_is_byte_identical_and_duplicate_files_count_once(tmp_path, datase
 
 
 def test_task_groups_pack_small_files_in_order_without_idling_cores():
-    from pipeline.text_filter import task_groups
+    from pipeline.text_filter.stage import task_groups
 
     todo = [(i, f"f{i}") for i in range(6)]
 
@@ -588,7 +588,7 @@ def test_task_groups_pack_small_files_in_order_without_idling_cores():
 
 
 def test_grouped_tasks_write_the_same_bytes_as_a_task_per_file(tmp_path, dataset_yaml):
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = tmp_path / "in"
     d.mkdir()
@@ -617,7 +617,7 @@ def test_bad_config_is_a_clear_error(tmp_path, dataset_yaml, caplog):
 
 def test_rerun_after_failure_with_other_settings_rescans(tmp_path, dataset_yaml):
     """Scan parts of a failed run are reused only for the same inputs and settings."""
-    from pipeline.text_filter import scan_file
+    from pipeline.text_filter.stage import scan_file
 
     meta = _write(tmp_path, "in", KNOWN)
     out = str(tmp_path / "out")
@@ -641,7 +641,7 @@ def _reference_keep(rows, cfg):
     """The global filters written plainly: rows are (uid, url, label, part)."""
     from collections import defaultdict
 
-    from pipeline.text_filter import cap_hash
+    from pipeline.text_filter.stage import cap_hash
 
     best = {}
     for uid, url, label, part in rows:
@@ -682,11 +682,11 @@ def test_global_filters_against_brute_force(kernel, monkeypatch):
     import sys
 
     if not kernel:
-        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+        monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
 
     import numpy as np
 
-    from pipeline.text_filter import global_keep, global_keep_keys, match_keys
+    from pipeline.text_filter.stage import global_keep, global_keep_keys, match_keys
 
     rng = random.Random(7)
     for _ in range(80):
@@ -734,10 +734,10 @@ def test_url_run_starting_with_a_repeated_row(kernel, monkeypatch):
 
     import numpy as np
 
-    from pipeline.text_filter import KEY_DTYPE, global_keep_keys
+    from pipeline.text_filter.stage import KEY_DTYPE, global_keep_keys
 
     if not kernel:
-        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+        monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
     rows = [(1, 3, 0), (1, 5, 0), (2, 5, 0), (2, 5, 1)]  # (url, uid, label)
     keys = np.zeros(len(rows), dtype=KEY_DTYPE)
     keys["url_hi"], keys["uid_lo"], keys["label"] = (np.array(c) for c in zip(*rows))
@@ -756,7 +756,7 @@ def test_sort_keys_equals_lexsort():
     rows."""
     import numpy as np
 
-    from pipeline.text_filter import _sort_keys
+    from pipeline.text_filter.stage import _sort_keys
 
     rng = np.random.default_rng(11)
     u64 = np.uint64
@@ -779,7 +779,7 @@ def test_sort_keys_equals_lexsort():
 
 
 def test_uids_equal_the_io_definition():
-    from pipeline.text_filter import make_uids
+    from pipeline.text_filter.stage import make_uids
 
     urls = ["http://a.test/1.jpg", None, "http://é.test/2.jpg", "", "u\x1f"]
     caps = ["a cat", "x", None, "日本", ""]
@@ -797,10 +797,10 @@ def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypat
 
     import numpy as np
 
-    from pipeline.text_filter import blake2b_128
+    from pipeline.text_filter.stage import blake2b_128
 
     if not kernel:
-        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+        monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
     rng = np.random.default_rng(3)
     lengths = [0, 1, 7, 8, 9, 63, 64, 127, 128, 129, 255, 256, 257, 383, 384, 385, 1000]
     rows = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
@@ -830,10 +830,10 @@ def test_murmur3_equals_mmh3_on_every_tail_length(kernel, monkeypatch):
     import numpy as np
 
     mmh3 = pytest.importorskip("mmh3")
-    from pipeline.text_filter import murmur3_128
+    from pipeline.text_filter.stage import murmur3_128
 
     if not kernel:
-        monkeypatch.setitem(sys.modules, "pipeline._kernels", None)  # import fails
+        monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
     rng = np.random.default_rng(5)
     lengths = list(range(0, 50)) + [255, 256, 257, 1000, 4099]
     rows = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
@@ -865,9 +865,9 @@ import sys
 sys.modules["numba"] = None  # any import of numba fails
 from collections import Counter
 import pyarrow as pa
-from pipeline import io
-from pipeline.matcher import Matcher
-from pipeline.text_filter import TextFilterConfig, filter_batch, resolve_columns
+from pipeline.core import io
+from pipeline.text_filter.matcher import Matcher
+from pipeline.text_filter.stage import TextFilterConfig, filter_batch, resolve_columns
 classes = ["tabby cat", "rose"]
 batch = pa.record_batch({"URL": ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"],
                          "TEXT": ["a tabby cat", "no match", "Roses, red"]})
@@ -886,7 +886,7 @@ print("ok", m.engine)
 
 
 def test_uid_words_are_the_uids_value_and_refuse_anything_else():
-    from pipeline.text_filter import _uid_words, make_uids
+    from pipeline.text_filter.stage import _uid_words, make_uids
 
     uids = make_uids(pa.array([f"http://a.test/{i}.jpg" for i in range(50)]), pa.array(["c"] * 50))
     hi, lo = _uid_words(uids.slice(7, 20))
@@ -904,7 +904,7 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     tasks leave. scan_files outside a Spark task (driver, tests) freezes nothing."""
     import gc
 
-    from pipeline import text_filter as tf
+    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     out = str(tmp_path / "out")
@@ -912,7 +912,7 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     def probe(group):
         import gc
 
-        from pipeline import text_filter as tf
+        from pipeline.text_filter import stage as tf
 
         tf.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)
         frozen = gc.get_freeze_count()
@@ -930,7 +930,7 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
 
 
 def test_split_row_groups_cuts_at_the_boundaries_nearest_even_shares():
-    from pipeline.text_filter import plan_units, split_row_groups
+    from pipeline.text_filter.stage import plan_units, split_row_groups
 
     assert split_row_groups([100] * 6, 0) == [None]  # 0: never split
     assert split_row_groups([100] * 6, 600) == [None]  # within split_rows: the whole file
@@ -964,7 +964,7 @@ def test_split_row_groups_cuts_at_the_boundaries_nearest_even_shares():
 def _split_input(tmp_path):
     """A 1200-row file of six 200-row row groups (with a row repeated across its first and last
     row group, and a URL shared by two captions across them) and a small second file."""
-    from pipeline.synthetic import laion_table
+    from pipeline.demo.synthetic import laion_table
 
     d = tmp_path / "in"
     d.mkdir()
@@ -1063,7 +1063,7 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     """The scan of a split file finished, the job failed before _SUCCESS (in the driver's
     global pass), and one piece's marker is gone as if its task had died: the rerun scans that
     piece alone and writes what a clean run writes."""
-    import pipeline.text_filter as tf
+    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
     cfg = TextFilterConfig(split_rows=500)
@@ -1103,7 +1103,7 @@ def test_a_driver_out_of_memory_reruns_in_buckets_on_the_same_scans(
 ):
     """The driver ran out of memory in its global pass after the scan: the rerun with a smaller
     global_memory_mb (in buckets) reuses every scan part and writes what a clean run writes."""
-    import pipeline.text_filter as tf
+    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
     out = str(tmp_path / "out")
@@ -1142,7 +1142,7 @@ def test_job_progress_counts_the_tasks_of_its_own_jobs(spark):
     leaves later jobs out of its job group."""
     import time as _time
 
-    from pipeline.spark import JobProgress
+    from pipeline.core.spark import JobProgress
 
     class Bar:
         def __init__(self):
@@ -1192,7 +1192,7 @@ def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
 
 
 def test_global_buckets_fit_the_memory_budget():
-    from pipeline.text_filter import GLOBAL_BYTES_PER_MATCH, global_buckets
+    from pipeline.text_filter.stage import GLOBAL_BYTES_PER_MATCH, global_buckets
 
     mb = 1 << 20
     assert global_buckets(10**9, 0) == 1  # no limit
@@ -1222,8 +1222,8 @@ def test_global_filters_in_url_buckets_equal_one_pass_in_a_fraction_of_the_memor
     import dataclasses
     import tracemalloc
 
-    from pipeline.synthetic import scan_keys, write_scan_keys
-    from pipeline.text_filter import global_pass
+    from pipeline.demo.synthetic import scan_keys, write_scan_keys
+    from pipeline.text_filter.stage import global_pass
 
     out = str(tmp_path / "out")
     done, matched = write_scan_keys(out, scan_keys(200_000, 5, seed=1))
@@ -1252,7 +1252,7 @@ def test_a_job_filtered_in_url_buckets_writes_what_one_pass_writes(
     """The whole job with the global filters forced into URL buckets (rows repeated across
     pieces, a URL shared across them, ambiguous rows kept, a cap): the same parts, byte for
     byte, and the same stats."""
-    import pipeline.text_filter as tf
+    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
     runs, base = {}, tf.GLOBAL_BYTES_PER_MATCH
@@ -1276,7 +1276,7 @@ def test_a_job_filtered_in_url_buckets_writes_what_one_pass_writes(
 
 
 def test_control_bytes_are_found_in_the_right_rows():
-    from pipeline.text_filter import _has_control_bytes
+    from pipeline.text_filter.stage import _has_control_bytes
 
     rows = [
         "http://a.test/é.jpg",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.urlcheck import check_url, parse_ip_literal
+from pipeline.download.urlcheck import check_url, parse_ip_literal
 
 REFUSED_ADDRESS = [
     "http://127.0.0.1/a.jpg",
@@ -130,7 +130,7 @@ def test_vectorised_check_agrees_with_check_url(allow_private):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.urlcheck import check_urls
+    from pipeline.download.urlcheck import check_urls
 
     rng = np.random.default_rng(0)
     alphabet = list("abcx0179.-:/@[]%?#\\ \t") + [

@@ -3,7 +3,7 @@
 The byte engines (hyperscan, ahocorasick) scan a normalised copy of every batch, so the batch
 is read and written a few times before the scan starts, and every hit costs a Python
 callback or tuple. This engine reads the Arrow string buffer once: a compiled loop splits each
-caption into tokens with the same byte table as :mod:`pipeline.matcher` (ASCII letters and
+caption into tokens with the same byte table as :mod:`pipeline.text_filter.matcher` (ASCII letters and
 digits lower-cased, every other ASCII byte a separator, the common separator entities such as
 ``&amp;`` skipped), hashes each token as it goes, looks it up in a small open-addressing table
 of the tokens that occur in some term, and steps an Aho-Corasick automaton whose alphabet is
@@ -15,7 +15,7 @@ character that is a separator, or a letter or digit that NFKC and lower-casing l
 (``é``, ``ß``, ``日``), is handled in the loop; any other (upper case, compatibility forms,
 combining marks, invisible characters, code points not seen yet) abandons the row, as does any
 entity but the common separator ones. The caller normalises those rows with the Unicode path
-of :mod:`pipeline.matcher`, teaches the table the code points they hold (:func:`learn`), and
+of :mod:`pipeline.text_filter.matcher`, teaches the table the code points they hold (:func:`learn`), and
 runs the same kernel over the result with :data:`LUT_NORMALISED`, where bytes >= 0x80 are
 token bytes.
 
@@ -23,7 +23,7 @@ Hits are ``(row, start, end, pattern)`` with byte offsets into the scanned buffe
 byte of the pattern's first token and one past its last token. Offsets are only compared
 within a row, where they order and nest hits exactly as offsets in the normalised text would.
 
-The compiled loops are in :mod:`pipeline._kernels`.
+The compiled loops are in :mod:`pipeline.text_filter.kernels`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def classify(cp: int) -> int:
     import unicodedata
 
     # Invisible characters are deleted, not separators: only the Unicode path handles them.
-    from pipeline.matcher import _INVISIBLE_CPS as invisible
+    from pipeline.text_filter.matcher import _INVISIBLE_CPS as invisible
 
     c = chr(cp)
     if (
@@ -271,7 +271,7 @@ def scan(
     (int64 arrays, in row order, then by the end of the hit), and a bool per row that was
     abandoned for the Unicode path (never set with :data:`LUT_NORMALISED`).
     """
-    from pipeline._kernels import scan as kernel
+    from pipeline.text_filter.kernels import scan as kernel
 
     n = len(offsets) - 1
     special = np.zeros(n, dtype=np.bool_)

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import img2dataset.downloader as _downloader
 from img2dataset.distributor import retrier
 
-from pipeline.urlcheck import is_public_address
+from pipeline.download.urlcheck import is_public_address
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def checked_create_connection(
 ):
     """``socket.create_connection`` that refuses a non-public peer before anything is sent.
 
-    The URL pre-check (:mod:`pipeline.urlcheck`) sees only the text of a URL; this sees the
+    The URL pre-check (:mod:`pipeline.download.urlcheck`) sees only the text of a URL; this sees the
     address the name actually resolved to, so it also stops redirects to internal addresses and
     DNS answers that point a public name at one. Raises ``ConnectionRefusedError`` whose message
     starts with ``refused_address``.

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-CONF_DIR = Path(os.environ.get("PRIMER_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("PRIMER_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 DATASETS_DIR = CONF_DIR / "datasets"
 
 T = TypeVar("T")
@@ -189,11 +189,11 @@ def _matcher_conflicts(classes: list[str], synonyms: Mapping[str, tuple[str, ...
     """Class names and synonyms the caption matcher could never tell apart.
 
     Captions are matched after normalisation (case, punctuation, Unicode NFKC; see
-    :mod:`pipeline.matcher`). Two classes that normalise alike (``Rose``/``rose``), or a synonym
+    :mod:`pipeline.text_filter.matcher`). Two classes that normalise alike (``Rose``/``rose``), or a synonym
     that normalises to another class's name, would make every caption naming them ambiguous,
     so all of them would be dropped; a name with no letter or digit matches nothing.
     """
-    from pipeline.matcher import normalize_texts
+    from pipeline.text_filter.matcher import normalize_texts
 
     index: dict[str, int] = {}
     for i, c in enumerate(classes):  # exact duplicates and empty names are reported already

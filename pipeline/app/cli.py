@@ -12,23 +12,23 @@ import importlib
 import logging
 import sys
 
-from pipeline import io
-from pipeline.config import ConfigError, load_config, load_dataset
+from pipeline.core import io
+from pipeline.core.config import ConfigError, load_config, load_dataset
 
 log = logging.getLogger("primer")
 
 # Stage modules, in pipeline order. Each defines register(subparsers, common).
 COMMAND_MODULES: list[str] = [
-    "pipeline.cli",  # classes, config (below)
-    "pipeline.text_filter",
-    "pipeline.download",
-    "pipeline.embed",
-    "pipeline.selection",
+    "pipeline.app.cli",  # classes, config (below)
+    "pipeline.text_filter.stage",
+    "pipeline.download.stage",
+    "pipeline.embed.stage",
+    "pipeline.select.filters",
     "pipeline.materialise",
-    "pipeline.evaluate",
-    "pipeline.subset",
-    "pipeline.demo",
-    "pipeline.report",
+    "pipeline.evaluate.stage",
+    "pipeline.app.subset",
+    "pipeline.demo.run",
+    "pipeline.report.page",
 ]
 
 
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _cmd_classes(args: argparse.Namespace) -> int:
-    from pipeline.config import list_datasets
+    from pipeline.core.config import list_datasets
 
     if args.list or not args.dataset:
         for name in list_datasets():

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline.core import io
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _load_shard(
 def load_table(url: str, require_complete: bool = True) -> tuple[pa.Table, np.ndarray]:
     """Every completed shard of an embedding directory: ``(metadata table, float16 feats)``.
 
-    Raises :class:`pipeline.io.InputError` when ``require_complete`` and ``_SUCCESS`` is missing.
+    Raises :class:`pipeline.core.io.InputError` when ``require_complete`` and ``_SUCCESS`` is missing.
     """
     if require_complete and not io.is_done(url):
         raise io.InputError(

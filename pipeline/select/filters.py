@@ -1,7 +1,7 @@
 """Stage 4: decide which pool images prime the classifier (CLIP-score and transductive filters).
 
 Filters only decide: each writes a decision directory (``decision.parquet`` with uid, label,
-score, kept, reason; see :mod:`pipeline.embeddings`), so a threshold or ``k`` is re-tuned in
+score, kept, reason; see :mod:`pipeline.core.embeddings`), so a threshold or ``k`` is re-tuned in
 seconds from cached embeddings; :mod:`pipeline.materialise` applies a decision.
 
 - CLIP-score filter (the reference's optional filter): logits = 100 f . T^T with the class
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.config import stage_config, to_dict
-from pipeline.knn import KnnConfig, search, search_grouped
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import stage_config, to_dict
+from pipeline.select.knn import KnnConfig, search, search_grouped
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SelectConfig:
     CLIP-score: ``min_prob`` (softmax probability of the caption label, 0..1),
     ``require_agreement``, ``logit_scale``. Transductive: ``k`` neighbours per query, ``mode``
     (``global``, ``kshot``, ``per_class``). ``batch``: rows per matrix product / FAISS call.
-    The rest are the FAISS settings of :class:`pipeline.knn.KnnConfig`.
+    The rest are the FAISS settings of :class:`pipeline.select.knn.KnnConfig`.
     """
 
     min_prob: float = 0.0
@@ -203,7 +203,7 @@ def transductive_choose(
     """For every query its ``k`` nearest pool rows (within its group when ``q_groups`` is given:
     only pool rows whose label equals the query's group). Returns per pool row ``(best
     similarity float32, number of queries that chose it int64)``; best is ``-inf`` for
-    unchosen rows. ``info`` receives the search's index details (see :func:`pipeline.knn.search`).
+    unchosen rows. ``info`` receives the search's index details (see :func:`pipeline.select.knn.search`).
     """
     if q_groups is None:
         scores, idx = search(q_feats, p_feats, k, knn_cfg, info)
@@ -287,7 +287,7 @@ def run_clip_filter(
     """Write the CLIP-score decision over ``pool`` (embeddings or a decision) to ``out``.
 
     Returns the stats (also in ``out/stats.json``); skips a complete ``out`` unless
-    ``overwrite``. Raises :class:`pipeline.io.InputError` for incomplete inputs or mismatched
+    ``overwrite``. Raises :class:`pipeline.core.io.InputError` for incomplete inputs or mismatched
     embedding dimensions.
     """
     if not io.prepare_output(out, overwrite):
@@ -328,7 +328,7 @@ def run_transductive(
     ``text`` (class prompt embeddings) is required by ``mode='per_class'`` and otherwise only
     names the classes in the stats. Returns the stats (with the FAISS index used, under
     ``knn``); skips a complete ``out`` unless ``overwrite``. Raises
-    :class:`pipeline.io.InputError` for missing/incomplete inputs or mismatched dimensions.
+    :class:`pipeline.core.io.InputError` for missing/incomplete inputs or mismatched dimensions.
     """
     if cfg.mode == "per_class" and not text:
         raise io.InputError(

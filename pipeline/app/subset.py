@@ -5,7 +5,7 @@ text filter -> download -> embed (pool, task train/test, class prompts) -> CLIP-
 
 Each stage runs through its own ``primer`` subcommand in this process (the same code path as
 running the commands by hand), reading the previous stage's output under the run directory
-(layout in docs/architecture.md and :data:`pipeline.report.LAYOUT`). A stage whose output
+(layout in docs/architecture.md and :data:`pipeline.report.page.LAYOUT`). A stage whose output
 holds ``_SUCCESS`` is skipped; ``--from``/``--to`` choose a range and ``--overwrite`` redoes
 named stages. Every source (metadata, task images, model weights) is checked before any
 stage starts, and a lock keeps two runs out of one run directory.
@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline import io
-from pipeline.config import ConfigError, load_config, load_dataset, stage_config, to_dict
-from pipeline.report import LAYOUT
+from pipeline.core import io
+from pipeline.core.config import ConfigError, load_config, load_dataset, stage_config, to_dict
+from pipeline.report.page import LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def check_sources(cfg: SubsetConfig, stages: list[str]) -> None:
 
 def _check_pretrained(model: str, tag: str) -> None:
     """An open_clip tag must exist, and be cached when the machine is offline."""
-    from pipeline.torchcompat import import_open_clip
+    from pipeline.core.torchcompat import import_open_clip
 
     open_clip = import_open_clip()
     pretrained_cfg = open_clip.get_pretrained_cfg(model, tag)
@@ -338,11 +338,11 @@ def run_subset(
     """Run the pipeline; returns one :class:`StageResult` per stage in order.
 
     ``run_stage(argv) -> exit code`` runs one ``primer`` command (default: in-process
-    :func:`pipeline.cli.main`). Raises :class:`SourceError` before any work when a source is
-    unreachable, :class:`pipeline.io.LockedError` when another run holds the run directory, and
+    :func:`pipeline.app.cli.main`). Raises :class:`SourceError` before any work when a source is
+    unreachable, :class:`pipeline.core.io.LockedError` when another run holds the run directory, and
     ``RuntimeError`` naming the stage when a stage fails (its completed predecessors stay).
     """
-    from pipeline.cli import main as cli_main
+    from pipeline.app.cli import main as cli_main
 
     run_stage = run_stage or cli_main
     root = load_config(config_file, overrides or []).get("run", {}).get("root", "data")

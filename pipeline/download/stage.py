@@ -2,13 +2,13 @@
 
 Steps:
 1. Read the text filter's output (it must hold ``_SUCCESS``) and check every URL with
-   :mod:`pipeline.urlcheck`; refused rows never reach the downloader and are recorded.
+   :mod:`pipeline.download.urlcheck`; refused rows never reach the downloader and are recorded.
 2. Write the allowed rows once to ``<out>/_input/urls.parquet`` (in the text filter's order),
    so a rerun hands img2dataset the same list and its incremental mode skips the shards it
    finished (a shard is done when its ``{shard}_stats.json`` exists).
 3. img2dataset downloads, resizes (keep aspect ratio, short side ``image_size``) and writes
    ``{00000..}.tar``; ``uid``, ``label`` and ``class_name`` ride along into each sample's json.
-   :mod:`pipeline._img2dataset_limits` refuses oversized responses and decompression bombs
+   :mod:`pipeline.download.limits` refuses oversized responses and decompression bombs
    before they are decoded and connections whose peer address is not public (redirects, DNS).
 4. ``manifest.parquet`` (one row per input (uid, label) with shard, key, status, error and
    reason), ``stats.json`` (success rate overall and per class, failures by reason), then
@@ -33,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import io, urlcheck
-from pipeline.config import stage_config, to_dict
-from pipeline.urlcheck import check_urls
+from pipeline.core import io
+from pipeline.core.config import stage_config, to_dict
+from pipeline.download import urlcheck
+from pipeline.download.urlcheck import check_urls
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def read_matches(matches: str) -> pa.Table:
     """The text filter's rows (``uid``, ``url``, ``caption``, ``label``, ``class_name``).
 
     Raises:
-        pipeline.io.InputError: ``matches`` has no ``_SUCCESS`` (an unfinished or foreign
+        pipeline.core.io.InputError: ``matches`` has no ``_SUCCESS`` (an unfinished or foreign
             directory), holds no parquet files, or lacks one of those columns.
     """
     if not io.is_done(matches):
@@ -212,7 +213,7 @@ def run_img2dataset(
     cfg: DownloadConfig, url_list: str, out: str, num_rows: int | None = None
 ) -> None:
     """Call ``img2dataset.download`` on ``url_list`` with Primer's parts installed
-    (:mod:`pipeline._img2dataset_limits`: byte/pixel caps, connect-time address check,
+    (:mod:`pipeline.download.limits`: byte/pixel caps, connect-time address check,
     forkserver workers). Its chatter goes to stderr so a CLI's stdout stays its result."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations asks PyPI
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -221,10 +222,10 @@ def run_img2dataset(
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cfg.max_image_pixels)
     import contextlib
 
-    from pipeline import _img2dataset_limits
+    from pipeline.download import limits as _img2dataset_limits
 
     if cfg.distributor == "pyspark":
-        from pipeline.spark import get_spark
+        from pipeline.core.spark import get_spark
 
         # img2dataset uses the active session (spark-submit's) and otherwise starts its own with
         # a 16 GB driver; ours has offline-safe local settings and is left running for the caller.
@@ -418,7 +419,7 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
     unless ``overwrite``; an incomplete one resumes (finished shards are kept).
 
     Raises:
-        pipeline.io.InputError: bad ``matches`` (see :func:`read_matches`), or ``out`` holds an
+        pipeline.core.io.InputError: bad ``matches`` (see :func:`read_matches`), or ``out`` holds an
             unfinished run over a different list.
         RuntimeError: shards still unfinished after img2dataset's retries (rerun to resume).
     """

@@ -5,7 +5,7 @@
   batches under ``torch.inference_mode`` and bf16/fp16 autocast on CUDA. A sample that does
   not decode is counted and skipped with its uid recorded; the shard still completes.
   Completed shards (``S.done``) are skipped on rerun.
-- ``primer embed-task``: a target task's train or test images (:mod:`pipeline.tasks`).
+- ``primer embed-task``: a target task's train or test images (:mod:`pipeline.embed.tasks`).
 - ``primer embed-text``: every template x class prompt, and the CuPL-style descriptions when
   the dataset config names a file; one row per prompt so heads can be rebuilt without the model.
 
@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.config import CONF_DIR, load_dataset, stage_config
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import CONF_DIR, load_dataset, stage_config
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def file_sha256(path: str) -> str:
 def resolve_device(device: str, local_rank: int | None = None) -> str:
     """``auto``/``cuda`` -> ``cuda:<local_rank>`` when torch sees GPUs, else ``cpu``.
 
-    Raises :class:`pipeline.io.InputError` when CUDA is asked for and torch sees no GPU.
+    Raises :class:`pipeline.core.io.InputError` when CUDA is asked for and torch sees no GPU.
     """
     import torch
 
@@ -198,7 +198,7 @@ def import_open_clip():
         import torchvision  # noqa: F401
     except RuntimeError:  # "operator torchvision::nms does not exist": the CPU-torch case
         pass
-    from pipeline.torchcompat import import_open_clip as _import
+    from pipeline.core.torchcompat import import_open_clip as _import
 
     return _import()
 
@@ -216,7 +216,7 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
         precision, embed_dim, preprocess, image_size).
 
     Raises:
-        pipeline.io.InputError: unknown model; a tag that cannot be loaded (offline, unknown);
+        pipeline.core.io.InputError: unknown model; a tag that cannot be loaded (offline, unknown);
             a checkpoint that is missing, refused by ``weights_only`` or does not fit.
     """
     import torch
@@ -619,7 +619,7 @@ def embed_shards(
         that finished before the others, this rank's own counts.
 
     Raises:
-        pipeline.io.InputError: no tars at ``shards_url``; model problems (:func:`load_model`).
+        pipeline.core.io.InputError: no tars at ``shards_url``; model problems (:func:`load_model`).
     """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
@@ -748,14 +748,14 @@ def embed_task(
         The stats (``embedded``, ``failed``, ``failures`` as ``[shard, relative path, reason]``).
 
     Raises:
-        pipeline.io.InputError: missing or malformed layout; labels outside the dataset; a
+        pipeline.core.io.InputError: missing or malformed layout; labels outside the dataset; a
             download that cannot reach the network; model problems.
     """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     from tqdm import tqdm
 
-    from pipeline.tasks import list_task_images, torchvision_download
+    from pipeline.embed.tasks import list_task_images, torchvision_download
 
     spec = load_dataset(dataset)
     if download:
@@ -823,7 +823,7 @@ def embed_text(cfg: EmbedConfig, dataset: str, out: str, overwrite: bool = False
 
     Rows carry ``label``, ``kind`` (``template``/``description``) and ``prompt``; ``meta.json``
     adds ``num_classes`` and ``classnames`` so heads can be rebuilt without the model
-    (:func:`pipeline.embeddings.load_text`). Returns the stats (prompt counts).
+    (:func:`pipeline.core.embeddings.load_text`). Returns the stats (prompt counts).
     """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "stats.json"))

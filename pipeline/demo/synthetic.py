@@ -186,12 +186,12 @@ def laion_table(
 
 
 def scan_keys(n: int, parts: int, seed: int = 0, url_share: float = 2.0) -> list[np.ndarray]:
-    """Match keys (:data:`pipeline.text_filter.KEY_DTYPE`) of ``n`` matches in ``parts`` scan
+    """Match keys (:data:`pipeline.text_filter.stage.KEY_DTYPE`) of ``n`` matches in ``parts`` scan
     parts, for the global filters: random uids; URLs drawn from ``n / url_share`` (so shared
     by several uids); a tenth of the rows of the first part found again in later ones (the
     same row in two files), a third of those under another class (ambiguous rows kept). 50
     classes."""
-    from pipeline.text_filter import KEY_DTYPE
+    from pipeline.text_filter.stage import KEY_DTYPE
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(n, dtype=KEY_DTYPE)
@@ -217,7 +217,7 @@ def write_scan_keys(out: str, parts: list[np.ndarray]) -> tuple[list[int], list[
     driver's global pass takes them."""
     import os
 
-    from pipeline.text_filter import SCAN_DIR, _keys_path
+    from pipeline.text_filter.stage import SCAN_DIR, _keys_path
 
     os.makedirs(os.path.join(out, SCAN_DIR), exist_ok=True)
     for i, keys in enumerate(parts):

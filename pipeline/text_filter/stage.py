@@ -6,7 +6,7 @@ file of more than ``split_rows`` rows cut into runs of whole row groups (:func:`
 Spark distributes them to tasks (consecutive small units share a task, :func:`task_groups`);
 each task reads its units one at a time with pyarrow (Arrow's own file where local, else
 fsspec: ``s3://``, ``hf://``, any fsspec URL), in record batches of the needed columns only,
-matches a whole batch at a time (:mod:`pipeline.matcher`), applies the row-local filters (size,
+matches a whole batch at a time (:mod:`pipeline.text_filter.matcher`), applies the row-local filters (size,
 safety, similarity, caption length) and writes its matches to
 ``<out>/_scan/part-<unit index>.parquet`` with the unit's stats next to it. A rerun reuses the
 scan parts that exist, so a killed job resumes.
@@ -51,9 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import io
-from pipeline.config import load_dataset, stage_config, to_dict
-from pipeline.matcher import ENGINES
+from pipeline.core import io
+from pipeline.core.config import load_dataset, stage_config, to_dict
+from pipeline.text_filter.matcher import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ScanUnit(NamedTuple):
 def resolve_columns(schema: pa.Schema, mapping: dict, where: str) -> dict[str, str]:
     """Canonical name -> the column of ``schema`` that provides it.
 
-    Raises :class:`pipeline.io.InputError` naming ``where`` and the column when a required
+    Raises :class:`pipeline.core.io.InputError` naming ``where`` and the column when a required
     one (url, caption) is missing.
     """
     names = set(schema.names)
@@ -206,7 +206,7 @@ def _as_string(arr: pa.Array) -> pa.Array:
 
 
 def make_uids(urls: pa.Array, captions: pa.Array) -> pa.Array:
-    """:func:`pipeline.io.make_uids` (BLAKE2b-128 of url, 0x1F, caption; nulls as empty), the
+    """:func:`pipeline.core.io.make_uids` (BLAKE2b-128 of url, 0x1F, caption; nulls as empty), the
     same strings without a Python object per row: the fields are joined in Arrow and hashed by
     a compiled kernel (:func:`blake2b_128`)."""
     return _hex_strings(_uid_digests(urls, captions))
@@ -219,17 +219,17 @@ def _uid_digests(urls: pa.Array, captions: pa.Array) -> np.ndarray:
 
 
 def _kernels():
-    """:mod:`pipeline._kernels` (numba's compiled loops), or None where numba is missing."""
+    """:mod:`pipeline.text_filter.kernels` (numba's compiled loops), or None where numba is missing."""
     try:
-        return importlib.import_module("pipeline._kernels")
+        return importlib.import_module("pipeline.text_filter.kernels")
     except ImportError:
         return None
 
 
 def _row_bytes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(offsets, values)`` of the rows of a string or binary array to hash, nulls as empty
-    (see :func:`pipeline.matcher._buffers`)."""
-    from pipeline.matcher import _buffers
+    (see :func:`pipeline.text_filter.matcher._buffers`)."""
+    from pipeline.text_filter.matcher import _buffers
 
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if not len(arr):  # an empty array may have no buffers at all
@@ -502,7 +502,7 @@ def _empty_output(cols: dict[str, str]) -> pa.Table:
 
 
 def _write_part(table: pa.Table, f) -> None:
-    """A part as :func:`pipeline.io.write_parquet` writes one (zstd) into the open file ``f``,
+    """A part as :func:`pipeline.core.io.write_parquet` writes one (zstd) into the open file ``f``,
     with dictionary pages only for the low-cardinality columns: dictionaries of uids, URLs and
     captions cost a fifth of the write time and save nothing."""
     pq.write_table(
@@ -531,7 +531,7 @@ _MATCHER: dict = {}
 
 
 def _matcher(classes: list[str], synonyms: dict, engine: str):
-    from pipeline.matcher import Matcher
+    from pipeline.text_filter.matcher import Matcher
 
     key = (tuple(classes), tuple((k, tuple(v)) for k, v in sorted(synonyms.items())), engine)
     if key not in _MATCHER:
@@ -910,7 +910,7 @@ def _class_cap(
 
 
 def _sorted_keep_numpy(order, hi, lo, label, url_hi, url_lo, has_url, dedup_urls, kept):
-    """:func:`pipeline._kernels.sorted_keep` in numpy (where numba is missing): marks ``kept``,
+    """:func:`pipeline.text_filter.kernels.sorted_keep` in numpy (where numba is missing): marks ``kept``,
     returns (repeated rows, rows dropped by URL)."""
     n = len(order)
     h, lw, lb = hi[order], lo[order], label[order]
@@ -1385,7 +1385,7 @@ def run_text_filter(
 ) -> dict:
     """Run stage 1; returns the stats dict (also written to ``<out>/_stats.json``).
 
-    Raises :class:`pipeline.io.InputError` for a missing input, a missing column or (without
+    Raises :class:`pipeline.core.io.InputError` for a missing input, a missing column or (without
     ``skip_bad_files``) an unreadable file, naming the file. A failed run leaves no
     ``_SUCCESS``; the rerun reuses finished scan units when the files, classes and settings
     are unchanged (and rescans everything otherwise).
@@ -1427,7 +1427,7 @@ def run_text_filter(
             "scan_format": SCAN_FORMAT,
         },
     )
-    from pipeline.spark import JobProgress, get_spark
+    from pipeline.core.spark import JobProgress, get_spark
 
     spark = get_spark(master, app_name=f"primer-filter-{spec.name}")
     sc = spark.sparkContext
@@ -1561,7 +1561,7 @@ def _check_scan_fingerprint(out: str, inputs: dict) -> None:
 def _spark_error_message(e: Exception) -> str:
     """The Python error inside a failed Spark task, without the JVM stack."""
     text = str(e)
-    for marker in ("pipeline.io.InputError: ", "InputError: "):
+    for marker in ("pipeline.core.io.InputError: ", "InputError: "):
         if marker in text:
             return text.split(marker, 1)[1].splitlines()[0]
     lines = [ln for ln in text.splitlines() if ln.strip()]

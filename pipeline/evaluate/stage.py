@@ -12,7 +12,7 @@ Rows of the table (mean ± std over seeds where shots are drawn):
 
 Shots come from the train split, seeded by (seed, shots), never from test; an image present
 in both splits stops the run (the reference's SUN397 evaluated on images it also trained
-on). ``--alpha auto`` never looks at test labels (rules in :mod:`pipeline.classify`).
+on). ``--alpha auto`` never looks at test labels (rules in :mod:`pipeline.evaluate.classify`).
 ``--head tip-adapter`` replaces the centroid ensemble by Tip-Adapter's cache model with the
 same keys, its (a, b) searched the same way.
 """
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import classify as C
-from pipeline import embeddings as E
-from pipeline import io
-from pipeline.config import load_dataset, stage_config, to_dict
+from pipeline.core import embeddings as E
+from pipeline.core import io
+from pipeline.core.config import load_dataset, stage_config, to_dict
+from pipeline.evaluate import classify as C
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def load_task(
     outside the task's classes) and ``dataset`` (the spec's name).
 
     Raises:
-        pipeline.io.InputError: an incomplete input, train and test sharing an image (leakage),
+        pipeline.core.io.InputError: an incomplete input, train and test sharing an image (leakage),
             a class count or dimension that does not match, an empty test split, or a class
             without a template prompt embedding.
     """
@@ -429,7 +429,7 @@ def run_evaluate(
     """Run stage 6: results.json, results.md, config.json, then ``_SUCCESS`` under ``out``.
 
     Returns the results dict (also when a complete output is skipped). Raises
-    :class:`pipeline.io.InputError` for bad inputs (see :func:`load_task`).
+    :class:`pipeline.core.io.InputError` for bad inputs (see :func:`load_task`).
     """
     if not io.prepare_output(out, overwrite):
         return io.read_json(io.join(out, "results.json"))
@@ -440,7 +440,7 @@ def run_evaluate(
     alpha_note = (
         f"alpha fixed at {float(cfg.alpha):g} (weight of the text head)."
         if cfg.alpha != "auto"
-        else "alpha auto: chosen without test labels (rules in pipeline/classify.py)."
+        else "alpha auto: chosen without test labels (rules in pipeline/evaluate/classify.py)."
     )
     if cfg.head == "tip-adapter":
         alpha_note = (

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import io
-from pipeline.config import DatasetSpec
+from pipeline.core import io
+from pipeline.core.config import DatasetSpec
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def list_task_images(
 ) -> list[TaskImage]:
     """The images of ``split`` (``train`` or ``test``) with labels in ``spec``'s label order.
 
-    Raises :class:`pipeline.io.InputError` naming the missing file or folder when ``root``
+    Raises :class:`pipeline.core.io.InputError` naming the missing file or folder when ``root``
     does not hold the layout, and for labels outside the dataset's classes.
     """
     if split not in ("train", "test"):
@@ -281,7 +281,7 @@ def list_task_images(
 
 def torchvision_download(layout: str, root: str, split: str) -> None:
     """Let torchvision download a dataset into ``root`` (needs network; clear error without)."""
-    from pipeline.embed import import_open_clip
+    from pipeline.embed.stage import import_open_clip
 
     import_open_clip()  # makes torchvision importable on this machine's CPU torch too
     import torchvision.datasets as tvd
@@ -337,7 +337,7 @@ def write_imagefolder(
     Returns:
         The written paths, in input order. Raises ValueError for mismatched lengths or labels.
     """
-    from pipeline.imageserver import encode_image
+    from pipeline.demo.imageserver import encode_image
 
     labels = np.asarray(labels)
     if len(images) != len(labels):

@@ -15,7 +15,7 @@ Rules (a superset of the reference's SQLite FTS phrase query ``TEXT MATCH '"<nam
 Engines (``auto`` picks the first that imports; all give the same answers, and the tests hold
 them to it):
 
-- ``tokens`` (numba; :mod:`pipeline._token_ac`, about 4M captions/s on one core): one
+- ``tokens`` (numba; :mod:`pipeline.text_filter.token_ac`, about 4M captions/s on one core): one
   compiled pass over the Arrow string buffer splits captions into tokens with the byte table
   below, looks each token up in a hash table of the terms' tokens and steps an Aho-Corasick
   automaton over token ids. No normalised copy, no per-hit Python. Rows with characters the
@@ -246,7 +246,7 @@ class Matcher:
         self._pattern_len = np.array([len(p) for p in patterns], dtype=np.int64)
         self._term_label = np.array([t.label for t in self.terms], dtype=np.int64)
         if self.engine == "tokens":
-            from pipeline import _token_ac
+            from pipeline.text_filter import token_ac as _token_ac
 
             key = tuple(variants)
             if key not in _AC_CACHE:
@@ -344,7 +344,7 @@ class Matcher:
         """``(rows, start, end, pattern ids)`` of every hit, by the ``tokens`` engine.
 
         Offsets are only comparable within a row (each row is scanned in one buffer)."""
-        from pipeline import _token_ac as tac
+        from pipeline.text_filter import token_ac as tac
 
         arr = _as_strings(captions)
         offsets, values = _buffers(arr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import io
+from pipeline.core import io
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def collect_run(
     if not classnames:
         cfg = _read_json(io.join(p["matches"], "_config.json"))
         if cfg.get("dataset"):
-            from pipeline.config import load_dataset
+            from pipeline.core.config import load_dataset
 
             classnames = list(load_dataset(cfg["dataset"]).classes)
     n = len(classnames)

@@ -1,5 +1,5 @@
 """Compiled (numba) kernels of the text filter's hot loops: the ``tokens`` matching engine
-(see :mod:`pipeline._token_ac`), BLAKE2b-128 (uids) and MurmurHash3_x64_128 (URL keys) over
+(see :mod:`pipeline.text_filter.token_ac`), BLAKE2b-128 (uids) and MurmurHash3_x64_128 (URL keys) over
 the rows of an Arrow binary array, and the global filters' pass over the sorted match keys.
 
 Imported only where they run: importing numba costs about 0.3 s. Compiled code is cached on
@@ -76,7 +76,7 @@ def tokenize(values, s, end, lut, ent_buf, ent_off, ent_start, cp_class, unicode
     # when the row needs the Unicode path. Boundaries are written without branches (a branch
     # per token boundary mispredicts); an entity or a separator character is jumped over (a
     # skip counter tested on every byte cost a third more). Non-ASCII characters follow
-    # cp_class (pipeline._token_ac.CP_*): separators, letters kept as they are, or the row
+    # cp_class (pipeline.text_filter.token_ac.CP_*): separators, letters kept as they are, or the row
     # goes to the Unicode path. Compiled twice (``unicode`` a literal): without the non-ASCII
     # branch, which slows the byte loop by a fifth, the loop returns -2 at the first byte
     # >= 0x80 and the caller runs the row again with it.
@@ -357,7 +357,7 @@ def blake2b_128(values, offsets, iv, out):
 # Austin Appleby's MurmurHash3_x64_128 (seed 0): the URL keys of the text filter's global
 # de-duplication, which need a well-mixed 128-bit digest, not a cryptographic one. A URL (47
 # bytes on average) is one BLAKE2b block of twelve rounds, but three cheap Murmur blocks: a
-# seventh of the time. The numpy fallback in pipeline.text_filter gives the same words (tests
+# seventh of the time. The numpy fallback in pipeline.text_filter.stage gives the same words (tests
 # compare both with the mmh3 package).
 
 _M1 = U(0x87C37B91114253D5)
@@ -426,9 +426,9 @@ def murmur3_128(values, offsets, out):
 
 @_jit
 def sorted_keep(order, keys, dedup_urls, kept):
-    # One pass over the matches (pipeline.text_filter.KEY_DTYPE records: a row's fields share
+    # One pass over the matches (pipeline.text_filter.stage.KEY_DTYPE records: a row's fields share
     # a cache line, where separate columns cost a miss each) in the order of
-    # pipeline.text_filter.global_keep_keys' sort: kept[i] for the first of each (uid, label)
+    # pipeline.text_filter.stage.global_keep_keys' sort: kept[i] for the first of each (uid, label)
     # and, with dedup_urls, only for the rows of the URL run's first uid that have a URL.
     # Returns (repeated rows, rows dropped by URL).
     dup_rows = 0

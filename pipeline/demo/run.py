@@ -22,9 +22,9 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from pipeline import io
-from pipeline.imageserver import FASHION_CLASSES, ImageServer, encode_image, load_fashion_mnist
-from pipeline.synthetic import laion_table, make_captions
+from pipeline.core import io
+from pipeline.demo.imageserver import FASHION_CLASSES, ImageServer, encode_image, load_fashion_mnist
+from pipeline.demo.synthetic import laion_table, make_captions
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_demo(
     overwrite: list[str] | None = None,
 ) -> int:
     """Serve the images, prepare inputs, run ``primer subset``; returns the exit code."""
-    from pipeline.subset import SubsetConfig, run_subset, summary
+    from pipeline.app.subset import SubsetConfig, run_subset, summary
 
     try:
         server = ImageServer(port=port, image_size=64)

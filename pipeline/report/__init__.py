@@ -1,0 +1,1 @@
+"""Inspecting a run: the static HTML report of a run directory (``page``)."""
