@@ -6,7 +6,7 @@ Rows (same model, batch size, device and precision):
   device (the ceiling: no decode, no transfer).
 - ``data path only``: the DataLoader workers reading tars and decoding/resizing images,
   with no model (the decode ceiling for this many workers).
-- ``primer embed``: :func:`pipeline.embed.stage.embed_shards` end to end (tar read, decode, resize,
+- ``primer embed``: :func:`pipeline.embed.pool.embed_shards` end to end (tar read, decode, resize,
   host->device, forward, normalise, write), timed by the stage itself (model load excluded).
 
 The ratio column is images/s relative to the bare forward: how much the data path costs.
@@ -37,14 +37,10 @@ import numpy as np
 from _util import table
 
 from pipeline.core import io
-from pipeline.embed.stage import (
-    EmbedConfig,
-    _loader,
-    _unit_dataset,
-    embed_shards,
-    load_model,
-    plan_units,
-)
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.model import load_model
+from pipeline.embed.pool import embed_shards
+from pipeline.embed.shards import _loader, _unit_dataset, plan_units
 
 
 def _smooth_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -121,7 +117,7 @@ def bare_forward(cfg: EmbedConfig, n_images: int) -> float:
     """images/s of ``encode_image`` on device-resident tensors (after warm-up)."""
     import torch
 
-    from pipeline.embed.stage import _autocast
+    from pipeline.embed.model import _autocast
 
     lm = load_model(cfg)
     s = lm.image_size

@@ -32,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.demo.synthetic import scan_keys, write_scan_keys
-    from pipeline.text_filter.stage import GLOBAL_BYTES_PER_MATCH, TextFilterConfig, global_pass
+    from pipeline.text_filter.config import TextFilterConfig
+    from pipeline.text_filter.global_filters import GLOBAL_BYTES_PER_MATCH, global_pass
 
     tmp = tempfile.mkdtemp(prefix="primer-bench-global-")
     try:

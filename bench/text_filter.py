@@ -137,7 +137,8 @@ def run(
     )
 
     from pipeline.core.spark import get_spark
-    from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
+    from pipeline.text_filter.config import TextFilterConfig
+    from pipeline.text_filter.stage import run_text_filter
 
     settings = {"task_rows": task_rows, "split_rows": split_rows}
     cfg = TextFilterConfig(**{k: v for k, v in settings.items() if v is not None})
@@ -247,7 +248,9 @@ def _two_process_floor(meta: str, files: int, classes: list[str], turns: int) ->
 
 def _floor_worker(paths: list[str], classes: list[str], barrier, turns: int, q) -> None:
     from pipeline.core.config import load_dataset
-    from pipeline.text_filter.stage import TextFilterConfig, _matcher, resolve_columns
+    from pipeline.text_filter.batch import resolve_columns
+    from pipeline.text_filter.config import TextFilterConfig
+    from pipeline.text_filter.scan import _matcher
 
     synonyms = {k: list(v) for k, v in load_dataset("ImageNet").synonyms.items()}
     cfg = TextFilterConfig()

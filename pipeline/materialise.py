@@ -157,7 +157,7 @@ def run_materialise(
     """
     from tqdm import tqdm
 
-    from pipeline.embed.stage import iter_tar_samples
+    from pipeline.embed.shards import iter_tar_samples
 
     if fmt not in FORMATS:
         raise io.InputError(f"format must be webdataset or imagefolder, not {fmt!r}")

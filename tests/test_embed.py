@@ -14,7 +14,10 @@ import pytest
 from pipeline.core import embeddings as E
 from pipeline.core import io
 from pipeline.demo.imageserver import fashion_mnist_bytes, skimage_bytes
-from pipeline.embed.stage import EmbedConfig, embed_shards, embed_task, embed_text
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.pool import embed_shards
+from pipeline.embed.task import embed_task
+from pipeline.embed.text import embed_text
 
 DATASET = "FashionMNIST"
 
@@ -106,7 +109,7 @@ def test_reruns_and_batch_sizes_agree_and_resume_skips_done(tmp_path, cfg):
 def test_checkpoint_round_trip_and_code_pickle_refused(tmp_path, cfg):
     import torch
 
-    from pipeline.embed.stage import load_model
+    from pipeline.embed.model import load_model
 
     make_shards(str(tmp_path / "shards"), n_shards=1, bad=False)
     lm = load_model(cfg)
@@ -140,7 +143,7 @@ def test_checkpoint_round_trip_and_code_pickle_refused(tmp_path, cfg):
 def test_missing_checkpoint_and_offline_tag_say_what_to_do(cfg):
     from dataclasses import replace
 
-    from pipeline.embed.stage import load_model
+    from pipeline.embed.model import load_model
 
     with pytest.raises(io.InputError, match="does not exist"):
         load_model(replace(cfg, pretrained="", checkpoint="/nonexistent/model.pt"))
@@ -268,7 +271,7 @@ def test_pretrained_tag_offline_says_what_to_do(cfg):
     """HF_HUB_OFFLINE=1 (conftest): open_clip cannot fetch the weights and makes no request."""
     from dataclasses import replace
 
-    from pipeline.embed.stage import load_model
+    from pipeline.embed.model import load_model
 
     with pytest.raises(io.InputError, match="--checkpoint PATH"):
         load_model(replace(cfg, model="ViT-B-32", pretrained="laion2b_s34b_b79k"))

@@ -311,10 +311,10 @@ def _downloaded_like(name: str, mode: str) -> Callable[[dict], bool]:
 
 
 def _decoded_like(name: str) -> Callable[[dict], bool]:
-    """The embedder's decoder (:func:`pipeline.embed.stage.decode_image`) keeps the intensities."""
+    """The embedder's decoder (:func:`pipeline.embed.shards.decode_image`) keeps the intensities."""
 
     def check(d: dict) -> bool:
-        from pipeline.embed.stage import decode_image
+        from pipeline.embed.shards import decode_image
 
         rgb = decode_image(_awkward(name), None, lambda im: np.asarray(im), 64)
         assert abs(float(rgb.mean()) - _reference_mean(name)) < 2, rgb.mean()
@@ -622,7 +622,8 @@ def _files_outside(root: str, allowed: list[str]) -> list[str]:
 
 
 def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
-    from pipeline.text_filter.stage import TextFilterConfig, check_inputs
+    from pipeline.text_filter.config import TextFilterConfig
+    from pipeline.text_filter.plan import check_inputs
 
     path = str(tmp_path / f"{case.name}.parquet")
     case.build_input(path)
@@ -634,8 +635,9 @@ def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
 
 
 def run_filter_core(case: HostileCase) -> Outcome:
+    from pipeline.text_filter.batch import filter_batch, resolve_columns
+    from pipeline.text_filter.config import TextFilterConfig
     from pipeline.text_filter.matcher import Matcher
-    from pipeline.text_filter.stage import TextFilterConfig, filter_batch, resolve_columns
 
     cfg = TextFilterConfig()
     batch = case.build_input()
@@ -673,7 +675,8 @@ def run_url_check(case: HostileCase) -> Outcome:
 
 
 def run_checkpoint(case: HostileCase, tmp_path, tiny_model_name) -> tuple[Outcome, str]:
-    from pipeline.embed.stage import EmbedConfig, load_model
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.model import load_model
 
     path = str(tmp_path / f"{case.name}.pt")
     case.build_input(path)
@@ -730,7 +733,8 @@ def run_materialise_case(case: HostileCase, tmp_path) -> Outcome:
 def spark_filter_run(tmp_path_factory, spark):
     """One text-filter run (local Spark, ``skip_bad_files``) over every ``filter-spark`` input
     plus one good file; returns ``{case name: Outcome}`` and the run's stats."""
-    from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
+    from pipeline.text_filter.config import TextFilterConfig
+    from pipeline.text_filter.stage import run_text_filter
 
     root = tmp_path_factory.mktemp("filter")
     d = root / "in"
@@ -816,7 +820,8 @@ def download_run(tmp_path_factory, image_server):
 def embed_run(tmp_path_factory, tiny_model_name):
     """One embedding run over a tar per ``embed`` case (the case's name is its sample's uid
     and its tar's name); returns ``{case name: Outcome}`` and the stats."""
-    from pipeline.embed.stage import EmbedConfig, embed_shards
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.pool import embed_shards
 
     root = tmp_path_factory.mktemp("embed")
     shards = root / "x" / "y" / "shards"
@@ -941,7 +946,8 @@ def test_s3_failing_part_way_then_rerun_completes(
     the rows and features of a clean local run."""
     import s3fs
 
-    from pipeline.embed.stage import EmbedConfig, embed_shards
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.pool import embed_shards
     from tests.test_embed import make_shards
 
     shards = str(tmp_path / "shards")

@@ -15,7 +15,12 @@ import pytest
 
 from pipeline.app.cli import main
 from pipeline.core import io
-from pipeline.text_filter.stage import TextFilterConfig, run_text_filter
+from pipeline.text_filter import batch as tfbatch
+from pipeline.text_filter import global_filters as tfglobal
+from pipeline.text_filter import parts as tfparts
+from pipeline.text_filter import scan as tfscan
+from pipeline.text_filter.config import TextFilterConfig
+from pipeline.text_filter.stage import run_text_filter
 
 pytestmark = pytest.mark.usefixtures("spark")
 
@@ -194,7 +199,7 @@ def test_scan_parts_left_without_a_fingerprint_are_not_trusted(tmp_path, dataset
     pq.write_table(laion_table(300, CLASSES, seed=1), os.path.join(d, "part-1.parquet"))
     out = str(tmp_path / "out")
     run_text_filter(TextFilterConfig(), dataset_yaml, d, str(tmp_path / "clean"))
-    from pipeline.text_filter.stage import scan_file
+    from pipeline.text_filter.scan import scan_file
 
     io.makedirs(out)
     files = io.list_files(d, suffixes=(".parquet",))
@@ -222,12 +227,10 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
     thread: the first file's commit can wait for the second file's scan to start."""
     import threading
 
-    from pipeline.text_filter import stage as tf
-
     files = _three_files(tmp_path)
     second_started = threading.Event()
     overlapped = []
-    real_scan, real_commit = tf.scan_file, io.StagedFile.commit
+    real_scan, real_commit = tfscan.scan_file, io.StagedFile.commit
 
     def scan(index, *args, **kwargs):
         if index == 1:
@@ -239,28 +242,27 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
             overlapped.append(second_started.wait(10))  # a synchronous commit waits in vain
         real_commit(self)
 
-    monkeypatch.setattr(tf, "scan_file", scan)
+    monkeypatch.setattr(tfscan, "scan_file", scan)
     monkeypatch.setattr(io.StagedFile, "commit", commit)
     out = str(tmp_path / "out")
-    results = tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    results = tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert overlapped == [True]
     assert [r["file"] for r in results] == [f for _, f in files]
     for i in range(3):  # every file published, marker included, when the task returns
-        part, stats = tf._piece_paths(out, i)
-        assert io.exists(part) and io.exists(tf._keys_path(out, i))
+        part, stats = tfparts._piece_paths(out, i)
+        assert io.exists(part) and io.exists(tfparts._keys_path(out, i))
         assert io.read_json(stats) == results[i]
     # The same bytes as scanning one file at a time, committing before the next.
     ref = str(tmp_path / "ref")
     for i, f in files:
         real_scan(i, f, ref, TextFilterConfig(), CLASSES, SYNONYMS)
     for i in range(3):
-        for a, b in zip(tf._piece_paths(out, i)[:1] + (tf._keys_path(out, i),),
-                        tf._piece_paths(ref, i)[:1] + (tf._keys_path(ref, i),)):  # fmt: skip
+        for a, b in zip(tfparts._piece_paths(out, i)[:1] + (tfparts._keys_path(out, i),),
+                        tfparts._piece_paths(ref, i)[:1] + (tfparts._keys_path(ref, i),)):  # fmt: skip
             assert io.read_bytes(a) == io.read_bytes(b)
 
 
 def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, monkeypatch):
-    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     real_commit = io.StagedFile.commit
@@ -273,18 +275,22 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
     monkeypatch.setattr(io.StagedFile, "commit", commit)
     out = str(tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
-        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
-    assert io.exists(tf._piece_paths(out, 0)[1])  # the file before it is whole and marked
-    assert not io.exists(tf._piece_paths(out, 1)[1])  # no marker without its keys
-    assert not io.exists(tf._keys_path(out, 1))
+        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert io.exists(tfparts._piece_paths(out, 0)[1])  # the file before it is whole and marked
+    assert not io.exists(tfparts._piece_paths(out, 1)[1])  # no marker without its keys
+    assert not io.exists(tfparts._keys_path(out, 1))
     # Each marker vouches for its own file only: the one after the failure is published
     # whole or not at all (the task stops before it if the failure came first).
-    marked = io.exists(tf._piece_paths(out, 2)[1])
-    assert marked == io.exists(tf._keys_path(out, 2)) == io.exists(tf._piece_paths(out, 2)[0])
+    marked = io.exists(tfparts._piece_paths(out, 2)[1])
+    assert (
+        marked
+        == io.exists(tfparts._keys_path(out, 2))
+        == io.exists(tfparts._piece_paths(out, 2)[0])
+    )
     assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
     monkeypatch.setattr(io.StagedFile, "commit", real_commit)
-    rerun = tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
-    clean = tf.scan_files(files, str(tmp_path / "clean"), TextFilterConfig(), CLASSES, SYNONYMS)
+    rerun = tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    clean = tfscan.scan_files(files, str(tmp_path / "clean"), TextFilterConfig(), CLASSES, SYNONYMS)
     strip = [{k: v for k, v in r.items() if k != "timings"} for r in rerun]
     assert strip == [{k: v for k, v in r.items() if k != "timings"} for r in clean]
 
@@ -293,12 +299,10 @@ def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypat
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.text_filter import stage as tf
-
     files = _three_files(tmp_path)
     second_started, failed = threading.Event(), threading.Event()
     scanned = []
-    real_scan, real_commit = tf.scan_file, io.StagedFile.commit
+    real_scan, real_commit = tfscan.scan_file, io.StagedFile.commit
     real_submit = ThreadPoolExecutor.submit
 
     def commit(self):
@@ -324,14 +328,14 @@ def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypat
 
     monkeypatch.setattr(io.StagedFile, "commit", commit)
     monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
-    monkeypatch.setattr(tf, "scan_file", scan)
+    monkeypatch.setattr(tfscan, "scan_file", scan)
     out = str(tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
-        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert scanned == [0, 1]  # file 2 never scanned
-    assert not io.exists(tf._piece_paths(out, 0)[1])
-    assert io.exists(tf._piece_paths(out, 1)[1])  # already handed over: published
-    assert not io.exists(tf._piece_paths(out, 2)[1])
+    assert not io.exists(tfparts._piece_paths(out, 0)[1])
+    assert io.exists(tfparts._piece_paths(out, 1)[1])  # already handed over: published
+    assert not io.exists(tfparts._piece_paths(out, 2)[1])
     assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
 
 
@@ -348,8 +352,6 @@ def _garble_captions(path):
 def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkeypatch):
     import time as _time
 
-    from pipeline.text_filter import stage as tf
-
     files = _three_files(tmp_path)
     _garble_captions(files[1][1])
     real_commit = io.StagedFile.commit
@@ -361,15 +363,13 @@ def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkey
     monkeypatch.setattr(io.StagedFile, "commit", slow_commit)
     out = str(tmp_path / "out")
     with pytest.raises(io.InputError, match="p1.parquet"):
-        tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
-    assert io.exists(tf._piece_paths(out, 0)[1])  # published before the task failed
-    assert not io.exists(tf._piece_paths(out, 1)[1])
+        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    assert io.exists(tfparts._piece_paths(out, 0)[1])  # published before the task failed
+    assert not io.exists(tfparts._piece_paths(out, 1)[1])
 
 
 def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monkeypatch, caplog):
     import time as _time
-
-    from pipeline.text_filter import stage as tf
 
     files = _three_files(tmp_path)
     _garble_captions(files[1][1])
@@ -380,29 +380,30 @@ def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monk
 
     monkeypatch.setattr(io.StagedFile, "commit", failing_commit)
     with pytest.raises(io.InputError, match="p1.parquet") as err:
-        tf.scan_files(files, str(tmp_path / "out"), TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, str(tmp_path / "out"), TextFilterConfig(), CLASSES, SYNONYMS)
     assert any("disk full" in n for n in getattr(err.value, "__notes__", []))
     assert "disk full" in caplog.text
 
 
 def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
-    from pipeline.text_filter import stage as tf
 
     out = str(tmp_path / "out")
     files = _three_files(tmp_path)
-    tf.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
-    each = [np.frombuffer(io.read_bytes(tf._keys_path(out, i)), tf.KEY_DTYPE) for i in (2, 0)]
-    keys, sizes = tf._read_keys(out, [2, 0])
+    tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    each = [
+        np.frombuffer(io.read_bytes(tfparts._keys_path(out, i)), tfbatch.KEY_DTYPE) for i in (2, 0)
+    ]
+    keys, sizes = tfglobal._read_keys(out, [2, 0])
     assert sizes == [len(k) for k in each] and all(sizes)
     assert keys.tobytes() == b"".join(k.tobytes() for k in each)
-    with open(tf._keys_path(out, 1), "ab") as f:
+    with open(tfparts._keys_path(out, 1), "ab") as f:
         f.write(b"x")  # not a whole number of records
     with pytest.raises(RuntimeError, match="part-00001.keys missing or truncated"):
-        tf._read_keys(out, [0, 1])
-    assert tf._read_keys(out, [])[1] == []
+        tfglobal._read_keys(out, [0, 1])
+    assert tfglobal._read_keys(out, [])[1] == []
     with pytest.raises(RuntimeError, match="part-00000.keys missing or truncated"):
-        tf._read_keys(out, [0], [sizes[1] + 1])  # a whole record short of its stats' count
-    assert tf._read_keys(out, [2, 0], sizes)[1] == sizes
+        tfglobal._read_keys(out, [0], [sizes[1] + 1])  # a whole record short of its stats' count
+    assert tfglobal._read_keys(out, [2, 0], sizes)[1] == sizes
 
 
 def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path, monkeypatch):
@@ -427,9 +428,8 @@ def test_input_and_output_on_s3(s3_bucket, dataset_yaml, tmp_path, monkeypatch):
     got = ds.dataset(io.url_to_fs(out3)[1], filesystem=fs).to_table()
     assert got == ds.dataset(path, filesystem=fs).to_table()
     # The global filters in URL buckets, the keys read from the store once per bucket.
-    import pipeline.text_filter.stage as tf
 
-    monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", 1 << 20)
+    monkeypatch.setattr(tfglobal, "GLOBAL_BYTES_PER_MATCH", 1 << 20)
     out4 = io.join(s3_bucket, "matches4")
     cfg = TextFilterConfig(split_rows=5, global_memory_mb=1)
     stats = run_text_filter(cfg, dataset_yaml, io.join(s3_bucket, "laion3"), out4)
@@ -505,8 +505,8 @@ def test_row_filters_in_the_pure_core():
     """filter_batch alone (no Spark): size, safety and similarity filters, counted by reason."""
     from collections import Counter
 
+    from pipeline.text_filter.batch import filter_batch, resolve_columns
     from pipeline.text_filter.matcher import Matcher
-    from pipeline.text_filter.stage import filter_batch, resolve_columns
 
     batch = pa.RecordBatch.from_pydict(
         {
@@ -561,7 +561,7 @@ def test_rerun_is_byte_identical_and_duplicate_files_count_once(tmp_path, datase
 
 
 def test_task_groups_pack_small_files_in_order_without_idling_cores():
-    from pipeline.text_filter.stage import task_groups
+    from pipeline.text_filter.plan import task_groups
 
     todo = [(i, f"f{i}") for i in range(6)]
 
@@ -617,7 +617,7 @@ def test_bad_config_is_a_clear_error(tmp_path, dataset_yaml, caplog):
 
 def test_rerun_after_failure_with_other_settings_rescans(tmp_path, dataset_yaml):
     """Scan parts of a failed run are reused only for the same inputs and settings."""
-    from pipeline.text_filter.stage import scan_file
+    from pipeline.text_filter.scan import scan_file
 
     meta = _write(tmp_path, "in", KNOWN)
     out = str(tmp_path / "out")
@@ -641,7 +641,7 @@ def _reference_keep(rows, cfg):
     """The global filters written plainly: rows are (uid, url, label, part)."""
     from collections import defaultdict
 
-    from pipeline.text_filter.stage import cap_hash
+    from pipeline.text_filter.hashing import cap_hash
 
     best = {}
     for uid, url, label, part in rows:
@@ -686,7 +686,8 @@ def test_global_filters_against_brute_force(kernel, monkeypatch):
 
     import numpy as np
 
-    from pipeline.text_filter.stage import global_keep, global_keep_keys, match_keys
+    from pipeline.text_filter.batch import match_keys
+    from pipeline.text_filter.global_filters import global_keep, global_keep_keys
 
     rng = random.Random(7)
     for _ in range(80):
@@ -734,7 +735,8 @@ def test_url_run_starting_with_a_repeated_row(kernel, monkeypatch):
 
     import numpy as np
 
-    from pipeline.text_filter.stage import KEY_DTYPE, global_keep_keys
+    from pipeline.text_filter.batch import KEY_DTYPE
+    from pipeline.text_filter.global_filters import global_keep_keys
 
     if not kernel:
         monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
@@ -756,7 +758,7 @@ def test_sort_keys_equals_lexsort():
     rows."""
     import numpy as np
 
-    from pipeline.text_filter.stage import _sort_keys
+    from pipeline.text_filter.global_filters import _sort_keys
 
     rng = np.random.default_rng(11)
     u64 = np.uint64
@@ -779,7 +781,7 @@ def test_sort_keys_equals_lexsort():
 
 
 def test_uids_equal_the_io_definition():
-    from pipeline.text_filter.stage import make_uids
+    from pipeline.text_filter.hashing import make_uids
 
     urls = ["http://a.test/1.jpg", None, "http://é.test/2.jpg", "", "u\x1f"]
     caps = ["a cat", "x", None, "日本", ""]
@@ -797,7 +799,7 @@ def test_blake2b_kernel_equals_hashlib_on_every_block_boundary(kernel, monkeypat
 
     import numpy as np
 
-    from pipeline.text_filter.stage import blake2b_128
+    from pipeline.text_filter.hashing import blake2b_128
 
     if not kernel:
         monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
@@ -830,7 +832,7 @@ def test_murmur3_equals_mmh3_on_every_tail_length(kernel, monkeypatch):
     import numpy as np
 
     mmh3 = pytest.importorskip("mmh3")
-    from pipeline.text_filter.stage import murmur3_128
+    from pipeline.text_filter.hashing import murmur3_128
 
     if not kernel:
         monkeypatch.setitem(sys.modules, "pipeline.text_filter.kernels", None)  # import fails
@@ -867,7 +869,8 @@ from collections import Counter
 import pyarrow as pa
 from pipeline.core import io
 from pipeline.text_filter.matcher import Matcher
-from pipeline.text_filter.stage import TextFilterConfig, filter_batch, resolve_columns
+from pipeline.text_filter.batch import filter_batch, resolve_columns
+from pipeline.text_filter.config import TextFilterConfig
 classes = ["tabby cat", "rose"]
 batch = pa.record_batch({"URL": ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"],
                          "TEXT": ["a tabby cat", "no match", "Roses, red"]})
@@ -886,7 +889,7 @@ print("ok", m.engine)
 
 
 def test_uid_words_are_the_uids_value_and_refuse_anything_else():
-    from pipeline.text_filter.stage import _uid_words, make_uids
+    from pipeline.text_filter.hashing import _uid_words, make_uids
 
     uids = make_uids(pa.array([f"http://a.test/{i}.jpg" for i in range(50)]), pa.array(["c"] * 50))
     hi, lo = _uid_words(uids.slice(7, 20))
@@ -904,19 +907,15 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     tasks leave. scan_files outside a Spark task (driver, tests) freezes nothing."""
     import gc
 
-    from pipeline.text_filter import stage as tf
-
     files = _three_files(tmp_path)
     out = str(tmp_path / "out")
 
     def probe(group):
         import gc
 
-        from pipeline.text_filter import stage as tf
-
-        tf.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)
         frozen = gc.get_freeze_count()
-        tf.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)  # resumed: no work
+        tfscan.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)  # resumed: no work
         return [(frozen, gc.get_freeze_count())]
 
     (frozen, again), = (
@@ -925,12 +924,12 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     assert frozen > 10_000  # the worker's modules, kernels and matcher
     assert again == frozen  # once per worker
     before = gc.get_freeze_count()
-    tf.scan_files(files[1:], out, TextFilterConfig(), CLASSES, SYNONYMS)
+    tfscan.scan_files(files[1:], out, TextFilterConfig(), CLASSES, SYNONYMS)
     assert gc.get_freeze_count() == before == 0
 
 
 def test_split_row_groups_cuts_at_the_boundaries_nearest_even_shares():
-    from pipeline.text_filter.stage import plan_units, split_row_groups
+    from pipeline.text_filter.plan import plan_units, split_row_groups
 
     assert split_row_groups([100] * 6, 0) == [None]  # 0: never split
     assert split_row_groups([100] * 6, 600) == [None]  # within split_rows: the whole file
@@ -1063,7 +1062,6 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     """The scan of a split file finished, the job failed before _SUCCESS (in the driver's
     global pass), and one piece's marker is gone as if its task had died: the rerun scans that
     piece alone and writes what a clean run writes."""
-    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
     cfg = TextFilterConfig(split_rows=500)
@@ -1072,7 +1070,7 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     def boom(*a, **k):
         raise RuntimeError("driver died")
 
-    monkeypatch.setattr(tf, "global_keep_keys", boom)
+    monkeypatch.setattr(tfglobal, "global_keep_keys", boom)
     with pytest.raises(RuntimeError, match="driver died"):
         run_text_filter(cfg, dataset_yaml, meta, out)
     monkeypatch.undo()
@@ -1082,7 +1080,7 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
     os.unlink(os.path.join(scan, markers[1]))
     kept = {m: os.stat(os.path.join(scan, m)).st_mtime_ns for m in markers if m != markers[1]}
     seen = {}
-    real = tf.io.remove
+    real = io.remove
 
     def remove(url):  # look at the scan directory just before the driver clears it
         if url.rstrip("/") == scan:
@@ -1090,7 +1088,7 @@ def test_a_run_failing_after_its_scan_resumes_from_the_finished_pieces(
             seen["redone"] = os.path.exists(os.path.join(scan, markers[1]))
         return real(url)
 
-    monkeypatch.setattr(tf.io, "remove", remove)
+    monkeypatch.setattr(io, "remove", remove)
     stats = run_text_filter(cfg, dataset_yaml, meta, out)
     assert seen == {**kept, "redone": True}  # the finished pieces untouched, the lost one redone
     clean = str(tmp_path / "clean")
@@ -1103,7 +1101,6 @@ def test_a_driver_out_of_memory_reruns_in_buckets_on_the_same_scans(
 ):
     """The driver ran out of memory in its global pass after the scan: the rerun with a smaller
     global_memory_mb (in buckets) reuses every scan part and writes what a clean run writes."""
-    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
     out = str(tmp_path / "out")
@@ -1111,22 +1108,22 @@ def test_a_driver_out_of_memory_reruns_in_buckets_on_the_same_scans(
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(tf, "global_keep_keys", oom)
+    monkeypatch.setattr(tfglobal, "global_keep_keys", oom)
     with pytest.raises(MemoryError):
         run_text_filter(TextFilterConfig(split_rows=500), dataset_yaml, meta, out)
     monkeypatch.undo()
     scan = os.path.join(out, "_scan")
     before = {p: os.stat(os.path.join(scan, p)).st_mtime_ns for p in os.listdir(scan)}
     seen = {}
-    real = tf.io.remove
+    real = io.remove
 
     def remove(url):  # look at the scan directory just before the driver clears it
         if url.rstrip("/") == scan:
             seen.update({p: os.stat(os.path.join(scan, p)).st_mtime_ns for p in before})
         return real(url)
 
-    monkeypatch.setattr(tf.io, "remove", remove)
-    monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", 1 << 14)
+    monkeypatch.setattr(io, "remove", remove)
+    monkeypatch.setattr(tfglobal, "GLOBAL_BYTES_PER_MATCH", 1 << 14)
     cfg = TextFilterConfig(split_rows=500, global_memory_mb=1)
     stats = run_text_filter(cfg, dataset_yaml, meta, out)
     assert stats["global_buckets"] >= 8
@@ -1192,7 +1189,7 @@ def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
 
 
 def test_global_buckets_fit_the_memory_budget():
-    from pipeline.text_filter.stage import GLOBAL_BYTES_PER_MATCH, global_buckets
+    from pipeline.text_filter.global_filters import GLOBAL_BYTES_PER_MATCH, global_buckets
 
     mb = 1 << 20
     assert global_buckets(10**9, 0) == 1  # no limit
@@ -1223,7 +1220,7 @@ def test_global_filters_in_url_buckets_equal_one_pass_in_a_fraction_of_the_memor
     import tracemalloc
 
     from pipeline.demo.synthetic import scan_keys, write_scan_keys
-    from pipeline.text_filter.stage import global_pass
+    from pipeline.text_filter.global_filters import global_pass
 
     out = str(tmp_path / "out")
     done, matched = write_scan_keys(out, scan_keys(200_000, 5, seed=1))
@@ -1252,12 +1249,11 @@ def test_a_job_filtered_in_url_buckets_writes_what_one_pass_writes(
     """The whole job with the global filters forced into URL buckets (rows repeated across
     pieces, a URL shared across them, ambiguous rows kept, a cap): the same parts, byte for
     byte, and the same stats."""
-    import pipeline.text_filter.stage as tf
 
     meta = _split_input(tmp_path)
-    runs, base = {}, tf.GLOBAL_BYTES_PER_MATCH
+    runs, base = {}, tfglobal.GLOBAL_BYTES_PER_MATCH
     for per_match in (base, 1 << 14):
-        monkeypatch.setattr(tf, "GLOBAL_BYTES_PER_MATCH", per_match)
+        monkeypatch.setattr(tfglobal, "GLOBAL_BYTES_PER_MATCH", per_match)
         for name, cfg in {
             "dedup": TextFilterConfig(split_rows=500, global_memory_mb=1),
             "ambiguous-cap": TextFilterConfig(
@@ -1276,7 +1272,7 @@ def test_a_job_filtered_in_url_buckets_writes_what_one_pass_writes(
 
 
 def test_control_bytes_are_found_in_the_right_rows():
-    from pipeline.text_filter.stage import _has_control_bytes
+    from pipeline.text_filter.hashing import _has_control_bytes
 
     rows = [
         "http://a.test/é.jpg",

@@ -191,7 +191,7 @@ def scan_keys(n: int, parts: int, seed: int = 0, url_share: float = 2.0) -> list
     by several uids); a tenth of the rows of the first part found again in later ones (the
     same row in two files), a third of those under another class (ambiguous rows kept). 50
     classes."""
-    from pipeline.text_filter.stage import KEY_DTYPE
+    from pipeline.text_filter.batch import KEY_DTYPE
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(n, dtype=KEY_DTYPE)
@@ -217,7 +217,8 @@ def write_scan_keys(out: str, parts: list[np.ndarray]) -> tuple[list[int], list[
     driver's global pass takes them."""
     import os
 
-    from pipeline.text_filter.stage import SCAN_DIR, _keys_path
+    from pipeline.text_filter.config import SCAN_DIR
+    from pipeline.text_filter.parts import _keys_path
 
     os.makedirs(os.path.join(out, SCAN_DIR), exist_ok=True)
     for i, keys in enumerate(parts):

@@ -281,7 +281,7 @@ def list_task_images(
 
 def torchvision_download(layout: str, root: str, split: str) -> None:
     """Let torchvision download a dataset into ``root`` (needs network; clear error without)."""
-    from pipeline.embed.stage import import_open_clip
+    from pipeline.core.torchcompat import import_open_clip
 
     import_open_clip()  # makes torchvision importable on this machine's CPU torch too
     import torchvision.datasets as tvd
