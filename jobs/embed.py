@@ -6,7 +6,7 @@ and whichever process finds every shard done writes ``_SUCCESS``. Two ways to st
 torchrun (one node or several; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and each
 process takes GPU LOCAL_RANK)::
 
-    torchrun --nproc_per_node=8 jobs/embed.py --shards s3://bucket/run/shards \\
+    torchrun --nproc_per_node=8 -m pipeline.embed --shards s3://bucket/run/shards \\
         --out s3://bucket/run/emb/pool --model ViT-B-16 --pretrained laion2b_s34b_b88k \\
         --workers 12 --batch-size 512
 
@@ -37,10 +37,10 @@ def _spark_ranks(argv: list[str]) -> int:
     from pipeline.app.cli import build_parser
     from pipeline.core.spark import get_spark
 
-    args = build_parser().parse_args(["embed", *argv])
-    if not args.world_size:
+    args = build_parser().parse_args(["embed-pool", *argv])
+    if not args.param__world:
         raise SystemExit("--spark needs --world-size W (the number of GPUs to use)")
-    world = args.world_size
+    world = args.param__world
 
     def run_rank(index, _rows):
         import os
@@ -52,7 +52,7 @@ def _spark_ranks(argv: list[str]) -> int:
             # This task's GPU becomes cuda:0 of the process.
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
         os.environ["LOCAL_RANK"] = "0"
-        code = main(["embed", *argv, "--rank", str(index), "--world-size", str(world)])
+        code = main(["embed-pool", *argv, "--rank", str(index), "--world-size", str(world)])
         yield index, code
 
     spark = get_spark()
@@ -73,4 +73,4 @@ if __name__ == "__main__":
     if "--spark" in argv:
         argv.remove("--spark")
         sys.exit(_spark_ranks(argv))
-    sys.exit(main(["embed", *argv]))
+    sys.exit(main(["embed-pool", *argv]))

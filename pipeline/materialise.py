@@ -12,12 +12,10 @@ same decision and shards give the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import io as _io
 import json
 import logging
 import re
-import sys
 import tarfile
 import time
 import unicodedata
@@ -29,8 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
-from pipeline.core.config import stage_config
+from pipeline.core import fingerprint, io
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +45,28 @@ MANIFEST_SCHEMA = pa.schema(
         ("path", pa.string()),
     ]
 )
+
+
+# The output's layout (shards or folders, manifest); an output of another is never reused.
+OUTPUT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MaterialiseConfig:
+    """Settings of materialise (section ``materialise``): ``format`` (``webdataset`` or
+    ``imagefolder``) and ``samples_per_shard`` (webdataset only)."""
+
+    format: str = "webdataset"
+    samples_per_shard: int = 10000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.format not in FORMATS:
+            problems.append(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.samples_per_shard < 1:
+            problems.append("samples_per_shard must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -163,7 +182,16 @@ def run_materialise(
         raise io.InputError(f"format must be webdataset or imagefolder, not {fmt!r}")
     if samples_per_shard < 1:
         raise io.InputError("samples_per_shard must be >= 1")
-    if not io.prepare_output(out, overwrite):
+    fp = fingerprint.make(
+        "materialise",
+        OUTPUT_FORMAT,
+        {"format": fmt, "samples_per_shard": samples_per_shard if fmt == "webdataset" else None},
+        {
+            "decision": fingerprint.input_identity(decision),
+            "shards": fingerprint.input_identity(shards, (".tar",)),
+        },
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
     chosen = read_choice(decision)
@@ -258,40 +286,3 @@ def run_materialise(
         )
     log.info("materialise: %d images -> %s (%s)", len(seen), out, fmt)
     return stats
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add ``primer materialise``."""
-    p = sub.add_parser(
-        "materialise",
-        parents=[common],
-        help="stage 5: write the kept images as webdataset shards or an ImageFolder",
-        description=__doc__.split("\n\n")[0] + " Shard size: download.samples_per_shard.",
-    )
-    p.add_argument(
-        "--decision",
-        required=True,
-        help="a decision directory (clip-filter or transductive), or pool embeddings to keep all",
-    )
-    p.add_argument(
-        "--shards",
-        required=True,
-        help="the download stage's webdataset shards (directory, glob or URL)",
-    )
-    p.add_argument("--out", required=True, help="output directory URL")
-    p.add_argument("--format", choices=FORMATS, default="webdataset")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    from pipeline.download.stage import DownloadConfig
-
-    per_shard = stage_config(
-        DownloadConfig, "download", args.config, args.overrides
-    ).samples_per_shard
-    s = run_materialise(
-        args.decision, args.shards, args.out, args.format, per_shard, args.overwrite
-    )
-    sys.stdout.write(f"{s['written']} images -> {args.out}\n")
-    return 0

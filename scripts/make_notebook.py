@@ -13,8 +13,11 @@ cells = [
     ),
     nbf.v4.new_code_cell(
         "import os\n"
-        "# The run directory to inspect (any fsspec URL); PRIMER_RUN_DIR overrides it.\n"
-        "RUN_DIR = os.environ.get('PRIMER_RUN_DIR', 'data/demo')\n"
+        "# The run directory to inspect (any fsspec URL); PRIMER_RUN_DIR overrides it. The default,\n"
+        "# the demo's, is found from the repository root or from notebooks/.\n"
+        "RUN_DIR = os.environ.get('PRIMER_RUN_DIR') or next(\n"
+        "    (d for d in ('data/demo', '../data/demo') if os.path.isdir(d)), 'data/demo'\n"
+        ")\n"
         "PER_CLASS = 8  # images shown per class"
     ),
     nbf.v4.new_code_cell(

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.app.registry import resolve
 from pipeline.core import io
-from pipeline.core.config import ConfigError, stage_config
+from pipeline.core.config import ConfigError
 from pipeline.download.stage import (
     DownloadConfig,
     build_manifest,
@@ -310,12 +311,7 @@ def test_input_without_success_is_refused(tmp_path):
 
 def test_bad_config_is_one_clear_error():
     with pytest.raises(ConfigError) as e:
-        stage_config(
-            DownloadConfig,
-            "download",
-            None,
-            ["download.processes=0", "download.resize_mode=stretch"],
-        )
+        resolve(None, ["download.processes=-1", "download.resize_mode=stretch"])
     assert "processes" in str(e.value) and "resize_mode" in str(e.value)
 
 

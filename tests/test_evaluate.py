@@ -10,9 +10,10 @@ import pytest
 from test_classify import clusters, unit
 
 from pipeline.app.cli import main
+from pipeline.app.registry import resolve
 from pipeline.core import embeddings as E
 from pipeline.core import io
-from pipeline.core.config import ConfigError, stage_config
+from pipeline.core.config import ConfigError
 from pipeline.evaluate.stage import EvaluateConfig, Task, evaluate_task, render_table
 
 
@@ -91,10 +92,10 @@ def test_config_validation_and_overrides():
         EvaluateConfig(alpha="1.5")
     with pytest.raises(ValueError, match="head"):
         EvaluateConfig(head="linear-probe")
-    cfg = stage_config(EvaluateConfig, "evaluate", None, ["evaluate.seeds=5"], {"shots": "0,4"})
+    cfg = resolve(None, ["evaluate.seeds=5"], {"evaluate.shots": "0,4"})["evaluate"]
     assert cfg == EvaluateConfig(shots=(0, 4), seeds=5)
     with pytest.raises(ConfigError, match="shots"):
-        stage_config(EvaluateConfig, "evaluate", None, [], {"shots": "-1"})
+        resolve(None, [], {"evaluate.shots": "-1"})
 
 
 def _write_embeddings(url, feats, labels, prefix):
@@ -151,7 +152,9 @@ def _argv(d, out, *extra, priming="decision"):
     return argv + (["--priming", d[priming]] if priming else [])
 
 
-def test_cli_end_to_end_transductive_cupl_rerun_and_overwrite(embedding_dirs, tmp_path, capsys):
+def test_cli_end_to_end_transductive_cupl_rerun_and_overwrite(
+    embedding_dirs, tmp_path, capsys, caplog
+):
     d, out = embedding_dirs, str(tmp_path / "eval")
     assert main(_argv(d, out)) == 0
     printed = capsys.readouterr().out
@@ -167,7 +170,11 @@ def test_cli_end_to_end_transductive_cupl_rerun_and_overwrite(embedding_dirs, tm
     assert by[("transductive priming", 0, 0)]["accuracy"] > by[("zero-shot CLIP", 0, 0)]["accuracy"]
     assert io.read_json(io.join(out, "config.json"))["shots"] == [0, 2]
     before = open(f"{out}/results.json").read()
-    assert main(_argv(d, out, "--alpha", "0.7")) == 0  # complete: skipped, not redone
+    assert main(_argv(d, out)) == 0  # the same inputs and settings: reused
+    assert open(f"{out}/results.json").read() == before
+    # Other settings on a complete output: refused, naming what differs and the fix.
+    assert main(_argv(d, out, "--alpha", "0.7")) == 2
+    assert "config.alpha" in caplog.text and "--overwrite" in caplog.text
     assert open(f"{out}/results.json").read() == before
     assert main(_argv(d, out, "--alpha", "0.7", "--overwrite")) == 0
     recs = io.read_json(io.join(out, "results.json"))["records"]

@@ -192,7 +192,7 @@ def test_cli_rerun_skips_and_s3_round_trip(tmp_path, inputs, s3_bucket, capsys):
                 "--out",
                 local,
                 "--set",
-                "download.samples_per_shard=2",
+                "materialise.samples_per_shard=2",
             ]
         )
         == 0

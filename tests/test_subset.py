@@ -15,9 +15,12 @@ import time
 
 import pytest
 
-from pipeline.app.subset import STAGE_OUT, STAGES, SourceError, SubsetConfig, run_subset
+from pipeline.app.registry import resolve
+from pipeline.app.subset import STAGE_OUT, STEP_NAMES, SourceError, run_subset
 from pipeline.core import io
-from pipeline.demo.run import run_demo
+from pipeline.demo.run import demo_config, run_demo
+
+STAGES = STEP_NAMES
 
 ROWS = 700
 
@@ -41,15 +44,17 @@ def demo_run(tmp_path_factory, port, spark):
 
 
 def _demo_config(run):
-    """The subset config of a demo run directory, pointing at the inputs the demo wrote."""
-    return SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=os.path.join(run, "inputs", "laion"),
-        data_root=os.path.join(run, "inputs", "task"),
-        run_dir=run,
-        model="primer-tiny-vit",
-        pretrained="none",
-    )
+    """The config of a demo run directory, pointing at the inputs the demo wrote."""
+    inputs = os.path.join(run, "inputs")
+    return demo_config(run, os.path.join(inputs, "laion"), os.path.join(inputs, "task"))
+
+
+def _config(**subset):
+    """A resolved config with these subset settings and the tiny untrained model."""
+    sets = [f"subset.{k}={v}" for k, v in subset.items() if not k.startswith("embed_")]
+    sets += [f"embed.{k[6:]}={v}" for k, v in subset.items() if k.startswith("embed_")]
+    model = ["embed.model=primer-tiny-vit", "embed.pretrained=none"]
+    return resolve(None, model + sets)
 
 
 def _bytes(run, stage, name):
@@ -76,17 +81,20 @@ def test_demo_runs_every_stage(demo_run):
     assert os.path.exists(os.path.join(demo_run, "config.json"))
 
 
-def test_rerun_skips_everything(demo_run, port):
+def test_rerun_skips_everything(demo_run, port, monkeypatch):
+    from pipeline.app import stages
+
     calls = []
-    from pipeline.demo.run import demo_overrides
-
-    def spy(argv):
-        calls.append(argv)
-        return 0
-
-    cfg = _demo_config(demo_run)
-    results = run_subset(cfg, overrides=demo_overrides(), run_stage=spy)
-    assert calls == [] and {r.status for r in results} == {"skipped"}
+    for name in ("run_filter", "run_download", "run_embed_pool", "run_evaluate"):
+        real = getattr(stages, name)
+        monkeypatch.setattr(
+            stages, name, lambda call, real=real: calls.append(call.stage.name) or real(call)
+        )
+    results = run_subset(_demo_config(demo_run))
+    # Each stage was asked, found its output made from the same inputs and settings, and kept it.
+    assert calls == ["filter", "download", "embed-pool", "evaluate"]
+    assert {r.status for r in results} == {"skipped"}
+    assert all(r.stats for r in results if r.name != "report")
 
 
 def test_second_run_from_scratch_is_byte_identical(demo_run, port, tmp_path, spark):
@@ -119,14 +127,19 @@ def test_resume_after_interrupted_embed_stage(demo_run, port, tmp_path, spark):
         assert _bytes(demo_run, stage, name) == _bytes(run, stage, name)
 
 
-def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path):
+def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path, monkeypatch):
     run = str(tmp_path / "failing")
     shutil.copytree(demo_run, run)
     os.unlink(os.path.join(run, "_LOCK"))
     shutil.rmtree(os.path.join(run, "decisions"))
-    cfg = _demo_config(run)
+    from pipeline.app import stages
+
+    def boom(call):
+        raise io.InputError("no")
+
+    monkeypatch.setattr(stages, "run_clip_filter", boom)
     with pytest.raises(RuntimeError, match="clip-filter"):
-        run_subset(cfg, run_stage=lambda argv: 1 if argv[0] == "clip-filter" else 0)
+        run_subset(_demo_config(run))
     assert io.is_done(os.path.join(run, "emb", "pool")) and not os.path.exists(
         os.path.join(run, "decisions", "clip", "_SUCCESS")
     )
@@ -157,56 +170,35 @@ def test_unreachable_sources_stop_before_any_stage(tmp_path, caplog):
     )
     assert code == 1 and "LAION metadata" in caplog.text and "LAION=" in caplog.text
     assert not os.path.exists(run)
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=str(tmp_path),
-        data_root=str(tmp_path / "missing-task"),
-        run_dir=run,
-        pretrained="none",
-        model="primer-tiny-vit",
-    )
+    where = {"dataset": "FashionMNIST", "metadata": str(tmp_path), "run_dir": run}
+    cfg = _config(**where, data_root=str(tmp_path / "missing-task"))
     with pytest.raises(SourceError, match="DATA_ROOT"):
-        run_subset(cfg, from_stage="embed-task-train", to_stage="embed-task-train")
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=str(tmp_path),
-        data_root=str(task),
-        run_dir=run,
-        pretrained="",
-        checkpoint=str(tmp_path / "nope.pt"),
-        model="primer-tiny-vit",
-    )
+        run_subset(cfg, from_step="embed-task-train", to_step="embed-task-train")
+    cfg = _config(**where, data_root=str(task), embed_checkpoint=str(tmp_path / "nope.pt"))
     with pytest.raises(SourceError, match="checkpoint"):
-        run_subset(cfg, from_stage="embed-pool", to_stage="embed-pool")
+        run_subset(cfg, from_step="embed-pool", to_step="embed-pool")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=str(tmp_path),
-        data_root=str(task),
-        run_dir=run,
-        model="ViT-B-16",
-        pretrained="laion2b_s34b_b88k",
-    )
+    cfg = resolve(None, [f"subset.{k}={v}" for k, v in {**where, "data_root": task}.items()])
     with pytest.raises(SourceError, match="offline"):
-        run_subset(cfg, from_stage="embed-text", to_stage="embed-text")
+        run_subset(cfg, from_step="embed-text", to_step="embed-text")
+    cfg = _config(**{**where, "metadata": str(tmp_path / "laion.csv")}, data_root=str(task))
+    with pytest.raises(SourceError, match="not parquet"):
+        run_subset(cfg)
+    cfg = _config(**where, data_root=str(task), embed_model="ViT-B/32")
+    with pytest.raises(SourceError, match="did you mean 'ViT-B-32'"):
+        run_subset(cfg, from_step="embed-text", to_step="embed-text")
     assert not os.path.exists(run)
 
 
 def test_second_run_on_same_directory_is_refused(tmp_path):
     run = str(tmp_path / "run")
-    cfg = SubsetConfig(
-        dataset="FashionMNIST",
-        metadata=str(tmp_path),
-        data_root=str(tmp_path),
-        run_dir=run,
-        pretrained="none",
-        model="primer-tiny-vit",
-    )
+    cfg = _config(dataset="FashionMNIST", metadata=str(tmp_path), run_dir=run)
     with io.RunLock(run):
         with pytest.raises(io.LockedError, match="in use by another run"):
-            run_subset(cfg, from_stage="report", to_stage="report", run_stage=lambda argv: 0)
+            run_subset(cfg, from_step="embed-text", to_step="embed-text")
     # The lock is released with its holder: now the run proceeds.
-    run_subset(cfg, from_stage="report", to_stage="report", run_stage=lambda argv: 0)
+    run_subset(cfg, from_step="embed-text", to_step="embed-text")
+    assert io.is_done(os.path.join(run, STAGE_OUT["embed-text"]))
 
 
 def test_killed_demo_resumes_to_the_same_outputs(demo_run, port, tmp_path):
@@ -357,7 +349,7 @@ def test_each_stage_killed_part_way_resumes_to_the_same_output(demo_run, port, t
     # Two kills: the first into the redone stage, the second into its resumed run.
     for attempt in range(2):
         proc = subprocess.Popen(
-            [*cmd, "--overwrite", stage] if attempt == 0 else cmd,
+            [*cmd, "--redo", stage] if attempt == 0 else cmd,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

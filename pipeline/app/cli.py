@@ -1,8 +1,9 @@
 """The ``primer`` command line.
 
-Each stage module owns its subcommand: it exposes ``register(subparsers, common)`` that adds
-a parser whose ``func(args) -> int`` runs the stage. This file only lists the modules, so
-``primer --help`` stays fast (stage modules import their heavy engines inside functions).
+A subcommand per stage of the registry (:mod:`pipeline.app.stages`), built from its
+declaration, plus ``subset`` and ``demo`` (every stage in a run directory), and ``classes``
+and ``config``. Stage modules import their heavy engines inside functions, so ``primer
+--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,24 +13,14 @@ import importlib
 import logging
 import sys
 
+import pipeline
 from pipeline.core import io
-from pipeline.core.config import ConfigError, load_config, load_dataset
+from pipeline.core.config import ConfigError, load_dataset
 
 log = logging.getLogger("primer")
 
-# Stage modules, in pipeline order. Each defines register(subparsers, common).
-COMMAND_MODULES: list[str] = [
-    "pipeline.app.cli",  # classes, config (below)
-    "pipeline.text_filter.stage",
-    "pipeline.download.stage",
-    "pipeline.embed.stage",
-    "pipeline.select.filters",
-    "pipeline.materialise",
-    "pipeline.evaluate.stage",
-    "pipeline.app.subset",
-    "pipeline.demo.run",
-    "pipeline.report.page",
-]
+# Modules whose register(subparsers, common) adds commands beside the registry's stages.
+COMMAND_MODULES: list[str] = ["pipeline.app.cli", "pipeline.app.subset", "pipeline.demo.run"]
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -70,7 +61,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "config",
         parents=[common],
         help="print the resolved configuration as YAML",
-        description="Print the configuration after layering conf/default.yaml, --config FILE and --set overrides.",
+        description="Print every setting a run will use: conf/ defaults, then --config FILE, then "
+        "--set overrides, each section checked against its stage's settings.",
     )
     p.add_argument("--section", help="print only this section")
     p.set_defaults(func=_cmd_config)
@@ -98,7 +90,9 @@ def _cmd_classes(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    cfg = load_config(args.config, args.overrides)
+    from pipeline.app.registry import as_dicts, resolve
+
+    cfg = as_dicts(resolve(args.config, args.overrides))
     if args.section:
         if args.section not in cfg:
             raise ConfigError(f"no section {args.section!r} (sections: {', '.join(sorted(cfg))})")
@@ -109,11 +103,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
+    from pipeline.app.registry import add_stage_parser
+    from pipeline.app.stages import STAGES
+
     parser = argparse.ArgumentParser(
         prog="primer",
         description="Build and evaluate Neural Priming subsets from LAION-scale metadata.",
     )
+    parser.add_argument("--version", action="version", version=f"primer {pipeline.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage in STAGES.values():
+        add_stage_parser(sub, common, stage)
     for mod_name in COMMAND_MODULES:
         mod = importlib.import_module(mod_name)
         mod.register(sub, common)

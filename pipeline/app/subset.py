@@ -1,14 +1,16 @@
-"""``primer subset``: every stage, in order, under one run directory.
+"""``primer subset``: every stage of the registry, in order, under one run directory.
 
 text filter -> download -> embed (pool, task train/test, class prompts) -> CLIP-score filter
 -> transductive filter -> materialise -> evaluate -> report
 
-Each stage runs through its own ``primer`` subcommand in this process (the same code path as
-running the commands by hand), reading the previous stage's output under the run directory
-(layout in docs/architecture.md and :data:`pipeline.report.page.LAYOUT`). A stage whose output
-holds ``_SUCCESS`` is skipped; ``--from``/``--to`` choose a range and ``--overwrite`` redoes
-named stages. Every source (metadata, task images, model weights) is checked before any
-stage starts, and a lock keeps two runs out of one run directory.
+:data:`STEPS` places the registry's stages (:mod:`pipeline.app.stages`) in a run directory:
+each step's output directory and where its inputs come from. Each stage is called as a
+function with its own config section, the same function its command runs. A stage whose
+output is complete and made from the same inputs and settings is skipped; one made from
+others is redone, and so, through their fingerprints, is every stage after it. ``--from`` /
+``--to`` choose a range and ``--redo`` redoes named stages. Every source (metadata, task
+images, model weights) is checked, and every config section built, before any stage starts;
+a lock keeps two runs out of one run directory.
 """
 
 from __future__ import annotations
@@ -19,100 +21,86 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from pipeline.core import io
-from pipeline.core.config import ConfigError, load_config, load_dataset, stage_config, to_dict
-from pipeline.report.page import LAYOUT
+from pipeline.app.registry import Call, as_dicts, resolve, run_call
+from pipeline.app.settings import SubsetConfig
+from pipeline.app.stages import STAGES
+from pipeline.core import fingerprint, io
+from pipeline.core.config import ConfigError, load_dataset
 
 log = logging.getLogger(__name__)
 
-STAGES = (
-    "filter",
-    "download",
-    "embed-pool",
-    "embed-task-train",
-    "embed-task-test",
-    "embed-text",
-    "clip-filter",
-    "transductive",
-    "materialise",
-    "evaluate",
-    "report",
-)
-
-# Where each stage writes, relative to the run directory.
-STAGE_OUT = {
-    "filter": LAYOUT["matches"],
-    "download": LAYOUT["shards"],
-    "embed-pool": LAYOUT["pool"],
-    "embed-task-train": LAYOUT["task_train"],
-    "embed-task-test": LAYOUT["task_test"],
-    "embed-text": LAYOUT["text"],
-    "clip-filter": LAYOUT["clip"],
-    "transductive": LAYOUT["transductive"],
-    "materialise": LAYOUT["subset"],
-    "evaluate": LAYOUT["eval"],
-    "report": LAYOUT["report"],
-}
-
 
 @dataclass(frozen=True)
-class SubsetConfig:
-    """Settings of ``primer subset`` (section ``subset``); the stages read their own sections.
+class Step:
+    """A registry stage placed in a run directory: ``out`` relative to it; ``inputs`` name ->
+    the step whose output it reads (or a function of the subset settings giving that step, or
+    ``subset.<field>`` for a source of the run such as the metadata);
+    ``params`` fixed per-call parameters; ``enabled`` whether the run includes it."""
 
-    ``metadata``: LAION parquet URL or glob. ``data_root``: the target task's images (the layout
-    named by the dataset config). ``model``/``pretrained``/``checkpoint``: open_clip weights
-    (``pretrained: none`` for untrained, seeded weights). ``run_dir`` defaults to
-    ``<run.root>/<dataset>``.
-    """
+    name: str
+    stage: str
+    out: str
+    inputs: dict[str, str | Callable[[SubsetConfig], str]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    enabled: Callable[[SubsetConfig], bool] = lambda s: True
 
-    dataset: str = ""
-    metadata: str = ""
-    data_root: str = ""
-    run_dir: str = ""
-    model: str = "ViT-B-16"
-    pretrained: str = "laion2b_s34b_b88k"
-    checkpoint: str = ""
-    device: str = "auto"
-    master: str = ""
-    clip_filter: bool = True
-    min_prob: float = 0.0
-    require_agreement: bool = True
-    transductive: bool = True
-    k: int = 10
-    materialise_format: str = "webdataset"
-    shots: str = "0,1,2,5,10"
-    seeds: int = 3
-    alpha: str = "auto"
-    head: str = "centroid"
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.dataset:
-            problems.append("dataset is required (DATASET=... or --dataset)")
-        if not self.metadata:
-            problems.append(
-                "metadata is required: the LAION parquet URL or glob (LAION=... or --metadata)"
-            )
-        if not self.data_root:
-            problems.append(
-                "data_root is required: the target task's images (DATA_ROOT=... or --data-root)"
-            )
-        if self.checkpoint and self.pretrained not in ("", "none"):
-            problems.append(
-                "give either pretrained or checkpoint, not both (set pretrained to '' with a checkpoint)"
-            )
-        if self.materialise_format not in ("webdataset", "imagefolder"):
-            problems.append("materialise_format must be webdataset or imagefolder")
-        if problems:
-            raise ValueError("; ".join(problems))
+def priming_step(s: SubsetConfig) -> str:
+    """The last filter's decision (or the whole pool when both filters are off)."""
+    return "transductive" if s.transductive else "clip-filter" if s.clip_filter else "embed-pool"
+
+
+STEPS: tuple[Step, ...] = (
+    Step("filter", "filter", "matches", {"metadata": "subset.metadata"}),
+    Step("download", "download", "shards", {"matches": "filter"}),
+    Step("embed-pool", "embed-pool", "emb/pool", {"shards": "download"}),
+    Step("embed-task-train", "embed-task", "emb/task-train", params={"split": "train"}),
+    Step("embed-task-test", "embed-task", "emb/task-test", params={"split": "test"}),
+    Step("embed-text", "embed-text", "emb/text"),
+    Step(
+        "clip-filter",
+        "clip-filter",
+        "decisions/clip",
+        {"pool": "embed-pool", "text": "embed-text"},
+        enabled=lambda s: s.clip_filter,
+    ),
+    Step(
+        "transductive",
+        "transductive",
+        "decisions/transductive",
+        {
+            "pool": lambda s: "clip-filter" if s.clip_filter else "embed-pool",
+            "queries": "embed-task-test",
+            "text": "embed-text",
+        },
+        enabled=lambda s: s.transductive,
+    ),
+    Step("materialise", "materialise", "subset", {"decision": priming_step, "shards": "download"}),
+    Step(
+        "evaluate",
+        "evaluate",
+        "eval",
+        {
+            "train": "embed-task-train",
+            "test": "embed-task-test",
+            "text": "embed-text",
+            "priming": priming_step,
+        },
+    ),
+    Step("report", "report", "report"),
+)
+STEP_NAMES = tuple(s.name for s in STEPS)
+# Where each step writes, relative to the run directory (the report reads it too).
+STAGE_OUT = {s.name: s.out for s in STEPS}
 
 
 @dataclass
 class StageResult:
     name: str
-    status: str  # ran, skipped, disabled, failed
+    status: str  # ran, skipped, redone, disabled, not selected
     seconds: float = 0.0
     out: str = ""
     stats: dict = field(default_factory=dict)
@@ -122,144 +110,67 @@ class SourceError(RuntimeError):
     """A source the run needs is unreachable; the message says which and how to fix it."""
 
 
-def _model_args(cfg: SubsetConfig) -> list[str]:
-    args = ["--model", cfg.model, "--device", cfg.device]
-    if cfg.checkpoint:
-        args += ["--checkpoint", cfg.checkpoint]
-    else:
-        args += ["--pretrained", cfg.pretrained or "none"]
-    return args
+def run_dir_of(config: dict[str, Any]) -> str:
+    """``subset.run_dir``, or ``<run.root>/<dataset name>``."""
+    s = config["subset"]
+    if not s.dataset:
+        raise ConfigError("subset.dataset is required (DATASET=... or --dataset)")
+    return s.run_dir or io.join(config["run"].root, load_dataset(s.dataset).name)
 
 
-def stage_argv(name: str, cfg: SubsetConfig, run_dir: str, common: list[str]) -> list[str] | None:
-    """The ``primer`` command line of stage ``name``; ``None`` when the config disables it."""
-    out = io.join(run_dir, STAGE_OUT[name])
-    p = {k: io.join(run_dir, v) for k, v in LAYOUT.items()}
-    if name == "filter":
-        argv = ["filter", "--dataset", cfg.dataset, "--metadata", cfg.metadata, "--out", out]
-        if cfg.master:
-            argv += ["--master", cfg.master]
-    elif name == "download":
-        argv = ["download", "--matches", p["matches"], "--out", out]
-    elif name == "embed-pool":
-        argv = ["embed", "--shards", p["shards"], "--out", out, *_model_args(cfg)]
-    elif name in ("embed-task-train", "embed-task-test"):
-        split = name.rsplit("-", 1)[1]
-        argv = [
-            "embed-task",
-            "--dataset",
-            cfg.dataset,
-            "--split",
-            split,
-            "--root",
-            cfg.data_root,
-            "--out",
-            out,
-            *_model_args(cfg),
-        ]
-    elif name == "embed-text":
-        argv = ["embed-text", "--dataset", cfg.dataset, "--out", out, *_model_args(cfg)]
-    elif name == "clip-filter":
-        if not cfg.clip_filter:
-            return None
-        argv = [
-            "clip-filter",
-            "--pool",
-            p["pool"],
-            "--text",
-            p["text"],
-            "--out",
-            out,
-            "--min-prob",
-            str(cfg.min_prob),
-        ]
-        if cfg.require_agreement:
-            argv.append("--require-agreement")
-    elif name == "transductive":
-        if not cfg.transductive:
-            return None
-        pool = p["clip"] if cfg.clip_filter else p["pool"]
-        argv = [
-            "transductive",
-            "--pool",
-            pool,
-            "--queries",
-            p["task_test"],
-            "--text",
-            p["text"],
-            "--k",
-            str(cfg.k),
-            "--out",
-            out,
-        ]
-    elif name == "materialise":
-        argv = [
-            "materialise",
-            "--decision",
-            priming_source(cfg, run_dir),
-            "--shards",
-            p["shards"],
-            "--out",
-            out,
-            "--format",
-            cfg.materialise_format,
-        ]
-    elif name == "evaluate":
-        argv = [
-            "evaluate", "--dataset", cfg.dataset, "--task-train", p["task_train"], "--task-test", p["task_test"],
-            "--text", p["text"], "--priming", priming_source(cfg, run_dir), "--shots", cfg.shots,
-            "--seeds", str(cfg.seeds), "--alpha", cfg.alpha, "--head", cfg.head, "--out", out,
-        ]  # fmt: skip
-    elif name == "report":
-        return ["report", run_dir]
-    else:  # pragma: no cover - STAGES is closed
-        raise KeyError(name)
-    return argv + common
-
-
-def priming_source(cfg: SubsetConfig, run_dir: str) -> str:
-    """The last filter's decision (or the whole pool when both filters are off)."""
-    if cfg.transductive:
-        return io.join(run_dir, LAYOUT["transductive"])
-    if cfg.clip_filter:
-        return io.join(run_dir, LAYOUT["clip"])
-    return io.join(run_dir, LAYOUT["pool"])
-
-
-def check_sources(cfg: SubsetConfig, stages: list[str]) -> None:
-    """Fail before any work when a source the chosen stages need is unreachable.
+def check_sources(config: dict[str, Any], steps: list[str]) -> None:
+    """Fail before any work when a source the chosen steps need is missing or unreachable.
 
     Raises :class:`SourceError` naming the source, what went wrong and the setting to fix.
     """
-    spec = load_dataset(cfg.dataset)
-    if "filter" in stages:
+    s, embed = config["subset"], config["embed"]
+    spec = load_dataset(s.dataset)
+    if "filter" in steps:
+        if not s.metadata:
+            raise SourceError(
+                "LAION metadata is required: the parquet URL, directory or glob (LAION=... or "
+                "--metadata)"
+            )
+        if s.metadata.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
+            raise SourceError(
+                f"LAION metadata {s.metadata!r} is not parquet: the text filter reads parquet "
+                "(convert with pyarrow: pyarrow.csv.read_csv(...) then pyarrow.parquet.write_table)"
+            )
         try:
-            files = io.list_files(cfg.metadata, suffixes=(".parquet",))
+            files = io.list_files(s.metadata, suffixes=(".parquet",))
         except FileNotFoundError:
             raise SourceError(
-                f"LAION metadata: no parquet files at {cfg.metadata!r}. Point LAION=... (or --metadata, "
-                "subset.metadata) at a directory, glob or URL of LAION parquet files."
+                f"LAION metadata: no parquet files at {s.metadata!r}. Point LAION=... (or "
+                "--metadata, subset.metadata) at a directory, glob or URL of LAION parquet files."
             ) from None
         except Exception as e:  # credentials, DNS, permissions: all say the same to the user
             raise SourceError(
-                f"LAION metadata at {cfg.metadata!r} is unreachable ({type(e).__name__}: {e}). "
-                "Check the URL, network access and credentials (AWS_* variables or io.storage_options)."
+                f"LAION metadata at {s.metadata!r} is unreachable ({type(e).__name__}: {e}). "
+                "Check the URL, network access and credentials (AWS_* variables or "
+                "io.storage_options)."
             ) from None
-        log.info("metadata: %d parquet files at %s", len(files), cfg.metadata)
-    if any(s.startswith("embed-task") for s in stages):
-        if not io.exists(cfg.data_root):
+        log.info("metadata: %d parquet files at %s", len(files), s.metadata)
+    if any(x.startswith("embed-task") for x in steps):
+        if not s.data_root or not io.exists(s.data_root):
             raise SourceError(
-                f"task images: {cfg.data_root!r} does not exist. Set DATA_ROOT=... (or --data-root) to the "
-                f"{spec.name} dataset in the {spec.layout!r} layout (see README, 'Real runs')."
+                f"task images: {s.data_root!r} does not exist. Set DATA_ROOT=... (or --data-root) "
+                f"to the {spec.name} dataset in the {spec.layout!r} layout (see README)."
             )
-    if any(s.startswith("embed") for s in stages):
-        if cfg.checkpoint:
-            if not io.exists(cfg.checkpoint):
+    if any(x.startswith("embed") for x in steps):
+        from pipeline.embed.model import model_name
+
+        try:
+            model_name(embed.model)
+        except io.InputError as e:
+            raise SourceError(f"model: {e}") from None
+        if embed.checkpoint:
+            if not io.exists(embed.checkpoint):
                 raise SourceError(
-                    f"model weights: checkpoint {cfg.checkpoint!r} does not exist (CHECKPOINT=... / --checkpoint)"
+                    f"model weights: checkpoint {embed.checkpoint!r} does not exist "
+                    "(CHECKPOINT=... / --checkpoint)"
                 )
-        elif cfg.pretrained and cfg.pretrained != "none":
-            _check_pretrained(cfg.model, cfg.pretrained)
+        elif embed.weights() == "pretrained" and not embed.model.startswith(("hf-hub:", "local")):
+            _check_pretrained(embed.model, embed.pretrained)
 
 
 def _check_pretrained(model: str, tag: str) -> None:
@@ -291,14 +202,16 @@ def _check_pretrained(model: str, tag: str) -> None:
                 cached = False
         if not cached:
             raise SourceError(
-                f"model weights: {model}/{tag} is not in the local cache and this machine is offline "
-                "(HF_HUB_OFFLINE=1). Download it on a networked machine (open_clip.create_model_and_transforms"
-                f"({model!r}, pretrained={tag!r})) and copy the Hugging Face cache, or pass CHECKPOINT=/path/model.pt, "
-                "or use PRETRAINED=none for untrained weights."
+                f"model weights: {model}/{tag} is not in the local cache and this machine is "
+                "offline (HF_HUB_OFFLINE=1). Download it on a networked machine (open_clip."
+                f"create_model_and_transforms({model!r}, pretrained={tag!r})) and copy the "
+                "Hugging Face cache, or pass CHECKPOINT=/path/model.pt, or PRETRAINED=none for "
+                "untrained weights."
             )
 
 
-def _parse_stage_list(values: list[str] | None) -> list[str]:
+def parse_steps(values: list[str] | None) -> list[str]:
+    """Step names from ``--redo`` values (comma lists, repeatable; ``all``)."""
     out = []
     for v in values or []:
         for name in v.split(","):
@@ -306,116 +219,131 @@ def _parse_stage_list(values: list[str] | None) -> list[str]:
             if not name:
                 continue
             if name == "all":
-                out.extend(STAGES)
-            elif name not in STAGES:
-                raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+                out.extend(STEP_NAMES)
+            elif name not in STEP_NAMES:
+                raise ConfigError(f"unknown stage {name!r} (stages: {', '.join(STEP_NAMES)})")
             else:
                 out.append(name)
     return out
 
 
-def select_stages(from_stage: str | None, to_stage: str | None) -> list[str]:
-    names = list(STAGES)
-    for s in (from_stage, to_stage):
-        if s and s not in STAGES:
-            raise ConfigError(f"unknown stage {s!r} (stages: {', '.join(STAGES)})")
-    start = names.index(from_stage) if from_stage else 0
-    end = names.index(to_stage) if to_stage else len(names) - 1
+def select_steps(from_step: str | None, to_step: str | None) -> list[str]:
+    names = list(STEP_NAMES)
+    for s in (from_step, to_step):
+        if s and s not in names:
+            raise ConfigError(f"unknown stage {s!r} (stages: {', '.join(names)})")
+    start = names.index(from_step) if from_step else 0
+    end = names.index(to_step) if to_step else len(names) - 1
     if start > end:
-        raise ConfigError(f"--from {from_stage} comes after --to {to_stage}")
+        raise ConfigError(f"--from {from_step} comes after --to {to_step}")
     return names[start : end + 1]
 
 
+def step_call(step: Step, config: dict[str, Any], run_dir: str, overwrite: bool) -> Call:
+    """The :class:`Call` of a step: its stage's config section, its inputs under ``run_dir``."""
+    s = config["subset"]
+    stage = STAGES[step.stage]
+    inputs = {}
+    for name, source in step.inputs.items():
+        src = source(s) if callable(source) else source
+        if src.startswith("subset."):  # a source of the run, not another step's output
+            inputs[name] = getattr(s, src[len("subset.") :])
+        else:
+            inputs[name] = io.join(run_dir, STAGE_OUT[src])
+    params = {"dataset": s.dataset, "data_root": s.data_root, **step.params}
+    if step.stage == "report":
+        params = {"run_dir": run_dir}
+    cfg = config[stage.section] if stage.section else None
+    out = io.join(run_dir, step.out)
+    return Call(stage, cfg, config, inputs, out, params, overwrite)
+
+
+def _state(out: str) -> tuple[bool, str | None]:
+    stored = fingerprint.stored(out)
+    return io.is_done(out), (stored or {}).get("run")
+
+
 def run_subset(
-    cfg: SubsetConfig,
-    config_file: str | None = None,
-    overrides: list[str] | None = None,
-    from_stage: str | None = None,
-    to_stage: str | None = None,
-    overwrite: list[str] | None = None,
-    run_stage: Callable[[list[str]], int] | None = None,
+    config: dict[str, Any],
+    from_step: str | None = None,
+    to_step: str | None = None,
+    redo: list[str] | None = None,
 ) -> list[StageResult]:
-    """Run the pipeline; returns one :class:`StageResult` per stage in order.
+    """Run the pipeline with a resolved config (:func:`pipeline.app.registry.resolve`); one
+    :class:`StageResult` per step, in order.
 
-    ``run_stage(argv) -> exit code`` runs one ``primer`` command (default: in-process
-    :func:`pipeline.app.cli.main`). Raises :class:`SourceError` before any work when a source is
-    unreachable, :class:`pipeline.core.io.LockedError` when another run holds the run directory, and
-    ``RuntimeError`` naming the stage when a stage fails (its completed predecessors stay).
+    Raises :class:`SourceError` before any work when a source is unreachable,
+    :class:`pipeline.core.io.LockedError` when another run holds the run directory, and the
+    failing stage's error (its completed predecessors stay).
     """
-    from pipeline.app.cli import main as cli_main
-
-    run_stage = run_stage or cli_main
-    root = load_config(config_file, overrides or []).get("run", {}).get("root", "data")
-    run_dir = cfg.run_dir or io.join(str(root), load_dataset(cfg.dataset).name)
-    stages = select_stages(from_stage, to_stage)
-    redo = set(_parse_stage_list(overwrite))
-    check_sources(cfg, stages)
-    common: list[str] = []
-    if config_file:
-        common += ["--config", config_file]
-    for o in overrides or []:
-        common += ["--set", o]
+    s = config["subset"]
+    run_dir = run_dir_of(config)
+    steps = select_steps(from_step, to_step)
+    again = set(parse_steps(redo))
+    check_sources(config, [x for x in steps if _enabled(x, s)])
     results: list[StageResult] = []
     with io.RunLock(run_dir):
-        io.write_json(
-            io.join(run_dir, "config.json"),
-            {"subset": to_dict(cfg), **load_config(config_file, overrides or [])},
-        )
-        for name in STAGES:
-            out = io.join(run_dir, STAGE_OUT[name])
-            if name not in stages:
-                results.append(StageResult(name, "not selected", out=out))
+        io.write_json(io.join(run_dir, "config.json"), as_dicts(config))
+        for step in STEPS:
+            out = io.join(run_dir, step.out)
+            if step.name not in steps:
+                results.append(StageResult(step.name, "not selected", out=out))
                 continue
-            argv = stage_argv(name, cfg, run_dir, common)
-            if argv is None:
-                results.append(StageResult(name, "disabled", out=out))
+            if not step.enabled(s):
+                results.append(StageResult(step.name, "disabled", out=out))
                 continue
-            done = io.exists(out) if name == "report" else io.is_done(out)
-            if done and name not in redo:
-                log.info("[%s] complete at %s; skipping (--overwrite %s to redo)", name, out, name)
-                results.append(StageResult(name, "skipped", out=out, stats=_stats(out)))
-                continue
-            if name in redo and name != "report":
-                argv = argv + ["--overwrite"]
-            log.info("[%s] primer %s", name, " ".join(argv))
-            t0 = time.perf_counter()
-            code = run_stage(argv)
-            seconds = time.perf_counter() - t0
-            if code != 0:
-                results.append(StageResult(name, "failed", seconds, out))
-                raise RuntimeError(
-                    f"stage {name!r} failed (exit code {code}); fix the cause and rerun: completed stages are kept"
-                )
-            results.append(StageResult(name, "ran", seconds, out, _stats(out)))
+            changed = any(r.status in ("ran", "redone") for r in results)
+            if step.stage == "report" and not changed and step.name not in again:
+                if io.exists(io.join(out, "index.html")):  # nothing new to show
+                    results.append(StageResult(step.name, "skipped", out=out))
+                    continue
+            results.append(_run_step(step, config, run_dir, step.name in again))
     return results
 
 
-def _stats(out: str) -> dict:
+def _enabled(name: str, s: SubsetConfig) -> bool:
+    return next(st for st in STEPS if st.name == name).enabled(s)
+
+
+def _run_step(step: Step, config: dict[str, Any], run_dir: str, redo: bool) -> StageResult:
+    call = step_call(step, config, run_dir, redo)
+    before = _state(call.out)
+    log.info("[%s] %s -> %s", step.name, step.stage, call.out)
+    t0 = time.perf_counter()
+    status = "ran"
+    try:
+        stats = run_call(call)
+    except fingerprint.StaleOutputError as e:
+        log.warning("[%s] %s; redoing it and the stages after it", step.name, e)
+        stats = run_call(replace(call, overwrite=True))
+        status = "redone"
+    except Exception as e:
+        raise RuntimeError(
+            f"stage {step.name!r} failed ({type(e).__name__}: {e}); fix the cause and rerun: "
+            "completed stages are kept"
+        ) from e
+    seconds = time.perf_counter() - t0
+    if step.stage != "report" and not redo and before[0] and _state(call.out) == before:
+        status = "skipped"
+    return StageResult(step.name, status, seconds, call.out, _stats(call.out, stats))
+
+
+def _stats(out: str, returned: dict) -> dict:
     """A stage's stats (the text filter's are ``_stats.json``, beside its parquet dataset)."""
     for name in ("stats.json", "_stats.json"):
         try:
             return io.read_json(io.join(out, name))
         except (FileNotFoundError, OSError, ValueError):
             continue
-    return {}
+    return returned or {}
 
 
 def _headline(stats: dict) -> str:
     """A few numbers from a stage's stats.json for the summary line."""
     keys = (
-        "rows_scanned",
-        "rows_matched",
-        "matched",
-        "success",
-        "succeeded",
-        "failed",
-        "rows",
-        "embedded",
-        "kept",
-        "dropped",
-        "written",
-        "samples",
-    )
+        "rows_scanned", "rows_matched", "matched", "success", "succeeded", "failed", "rows",
+        "embedded", "kept", "dropped", "written", "samples",
+    )  # fmt: skip
     parts = [f"{k}={stats[k]}" for k in keys if isinstance(stats.get(k), (int, float))]
     return ", ".join(parts[:4])
 
@@ -424,47 +352,53 @@ def summary(results: list[StageResult], run_dir: str) -> str:
     """The one-screen summary printed at the end of ``primer subset``."""
     lines = [f"Primer run: {run_dir}", "", f"{'stage':<18}{'status':<14}{'time':>9}  counts"]
     for r in results:
-        t = f"{r.seconds:8.1f}s" if r.status == "ran" else ""
+        t = f"{r.seconds:8.1f}s" if r.status in ("ran", "redone") else ""
         lines.append(f"{r.name:<18}{r.status:<14}{t:>9}  {_headline(r.stats)}")
-    results_md = io.join(run_dir, LAYOUT["eval"], "results.md")
+    results_md = io.join(run_dir, STAGE_OUT["evaluate"], "results.md")
     if io.exists(results_md):
         lines += ["", io.read_bytes(results_md).decode("utf-8").strip()]
     lines += ["", "Outputs:"]
     for r in results:
-        if r.status in ("ran", "skipped"):
+        if r.status in ("ran", "skipped", "redone"):
             lines.append(f"  {r.name:<18}{r.out}")
-    report = io.join(run_dir, LAYOUT["report"], "index.html")
+    report = io.join(run_dir, STAGE_OUT["report"], "index.html")
     if io.exists(report):
         lines += ["", f"Report: {report}"]
     return "\n".join(lines) + "\n"
 
 
+# Command-line options of `primer subset` and the settings they stand for.
+SUBSET_OPTIONS = (
+    ("--dataset", "subset.dataset", "bundled dataset name or path.yaml"),
+    ("--metadata", "subset.metadata", "LAION parquet URL, directory or glob"),
+    ("--data-root", "subset.data_root", "the target task's images"),
+    ("--run-dir", "subset.run_dir", "run directory (default <run.root>/<dataset>)"),
+    ("--model", "embed.model", "open_clip model name"),
+    ("--pretrained", "embed.pretrained", "open_clip pretrained tag, or none (untrained)"),
+    ("--checkpoint", "embed.checkpoint", "a local checkpoint (state dict) instead of a tag"),
+    ("--device", "embed.device", "auto | cpu | cuda | cuda:N"),
+    ("--master", "spark.master", "Spark master for the Spark stages (default local[*])"),
+)
+
+
 def add_subset_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="bundled dataset name or path.yaml")
-    p.add_argument("--metadata", help="LAION parquet URL, directory or glob")
-    p.add_argument("--data-root", dest="data_root", help="the target task's images")
-    p.add_argument("--run-dir", dest="run_dir", help="run directory (default <run.root>/<dataset>)")
-    p.add_argument("--model", help="open_clip model name (default ViT-B-16)")
+    from pipeline.app.registry import default_of
+
+    for flag, key, text in SUBSET_OPTIONS:
+        p.add_argument(
+            flag, dest=key.replace(".", "__"), help=f"{text} (config key {key}; default "
+            f"{default_of(key)!r})",
+        )  # fmt: skip
+    p.add_argument("--from", dest="from_step", metavar="STAGE", help="first stage to run")
+    p.add_argument("--to", dest="to_step", metavar="STAGE", help="last stage to run")
     p.add_argument(
-        "--pretrained", help="open_clip pretrained tag, or 'none' for untrained seeded weights"
-    )
-    p.add_argument(
-        "--checkpoint", help="a local checkpoint (state dict) instead of a pretrained tag"
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--master", help="Spark master for the text filter (default local[*])")
-    p.add_argument(
-        "--from",
-        dest="from_stage",
-        metavar="STAGE",
-        help=f"first stage to run ({', '.join(STAGES)})",
-    )
-    p.add_argument("--to", dest="to_stage", metavar="STAGE", help="last stage to run")
-    p.add_argument(
+        "--redo",
         "--overwrite",
+        dest="redo",
         action="append",
         metavar="STAGE",
-        help="redo these stages even if complete (comma list or repeat; 'all')",
+        help="redo these stages even if complete (comma list or repeat; 'all'; --overwrite is "
+        f"the earlier spelling). Stages: {', '.join(STEP_NAMES)}",
     )
 
 
@@ -479,39 +413,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=_cmd_subset)
 
 
-def config_from_args(args: argparse.Namespace) -> SubsetConfig:
-    flags = {
-        k: getattr(args, k, None)
-        for k in (
-            "dataset",
-            "metadata",
-            "data_root",
-            "run_dir",
-            "model",
-            "pretrained",
-            "checkpoint",
-            "device",
-            "master",
-        )
-    }
-    if flags.get("checkpoint") and not flags.get("pretrained"):
-        flags["pretrained"] = ""
-    return stage_config(SubsetConfig, "subset", args.config, args.overrides, flags)
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Every config section of a ``primer subset`` command line, built and checked."""
+    settings = {key: getattr(args, key.replace(".", "__"), None) for _, key, _ in SUBSET_OPTIONS}
+    return resolve(args.config, args.overrides, settings)
 
 
 def _cmd_subset(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    run_dir = cfg.run_dir or io.join(
-        str(load_config(args.config, args.overrides).get("run", {}).get("root", "data")),
-        load_dataset(cfg.dataset).name,
-    )
-    cfg = SubsetConfig(**{**to_dict(cfg), "run_dir": run_dir})
+    config = config_from_args(args)
     try:
-        results = run_subset(
-            cfg, args.config, args.overrides, args.from_stage, args.to_stage, args.overwrite
-        )
+        results = run_subset(config, args.from_step, args.to_step, args.redo)
     except (SourceError, io.LockedError, RuntimeError) as e:
         log.error("%s", e)
         return 1
-    sys.stdout.write(summary(results, run_dir))
+    sys.stdout.write(summary(results, run_dir_of(config)))
     return 0

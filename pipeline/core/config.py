@@ -14,6 +14,7 @@ every wrongly-typed value in one error.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import types
@@ -25,7 +26,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-CONF_DIR = Path(os.environ.get("PRIMER_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+# The bundled configs: the repository's conf/, shipped inside the package as pipeline/conf (a
+# link to it in a checkout), so an installed wheel finds them too.
+CONF_DIR = Path(
+    os.environ.get("PRIMER_CONF_DIR") or str(importlib.resources.files("pipeline") / "conf")
+)
 DATASETS_DIR = CONF_DIR / "datasets"
 
 T = TypeVar("T")
@@ -66,6 +71,15 @@ class DatasetSpec:
         """The class's name formatted into every template."""
         name = self.classes[class_index]
         return [t.replace("{}", name) for t in self.templates]
+
+    def identity(self, *fields: str) -> dict:
+        """The dataset's name and the fields a stage's result depends on (for its fingerprint):
+        ``identity("classes", "synonyms")``."""
+        out: dict = {"name": self.name}
+        for f in fields:
+            v = getattr(self, f)
+            out[f] = {k: list(x) for k, x in v.items()} if isinstance(v, dict) else v
+        return out
 
     def class_descriptions(self, class_index: int) -> list[str]:
         """CuPL-style sentences for the class (empty when there is no descriptions file)."""
@@ -333,19 +347,28 @@ def _check_type(value: Any, tp: Any) -> Any:
     return value
 
 
+def closest(name: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the option nearest to a misspelt ``name``, or ``""``."""
+    import difflib
+
+    near = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def build(cls: type[T], section: Mapping | None, where: str = "") -> T:
     """Build the frozen dataclass ``cls`` from a config mapping, validating every field.
 
-    Raises :class:`ConfigError` listing all unknown keys and badly typed values at once.
-    ``where`` names the config section in messages (for example ``"filter"``).
+    Raises :class:`ConfigError` listing all unknown keys (each with the closest valid one) and
+    badly typed values at once. ``where`` names the config section in messages (``"filter"``).
     """
     section = dict(section or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     problems = []
-    unknown = sorted(set(section) - names)
-    if unknown:
-        problems.append(f"unknown key(s) {unknown} (known: {sorted(names)})")
+    for k in sorted(set(section) - names, key=str):
+        moved = MOVED.get(f"{where}.{k}")
+        hint = f" (it is now {moved!r})" if moved else closest(k, names)
+        problems.append(f"unknown key {k!r}{hint}")
     kwargs = {}
     for k, v in section.items():
         if k not in names:
@@ -364,21 +387,43 @@ def build(cls: type[T], section: Mapping | None, where: str = "") -> T:
     return obj
 
 
-def stage_config(
-    cls: type[T],
-    section: str,
-    config_file: str | None = None,
-    overrides: Iterable[str] = (),
-    flags: Mapping[str, Any] | None = None,
-) -> T:
-    """Resolve one stage's config object: defaults, user file, ``--set``, then explicit flags.
+# Settings that moved to another section (their old spelling gets a message naming the new).
+MOVED = {
+    "subset.model": "embed.model",
+    "subset.pretrained": "embed.pretrained",
+    "subset.checkpoint": "embed.checkpoint",
+    "subset.device": "embed.device",
+    "subset.master": "spark.master",
+    "subset.min_prob": "select.min_prob",
+    "subset.require_agreement": "select.require_agreement",
+    "subset.k": "select.k",
+    "subset.materialise_format": "materialise.format",
+    "subset.shots": "evaluate.shots",
+    "subset.seeds": "evaluate.seeds",
+    "subset.alpha": "evaluate.alpha",
+    "subset.head": "evaluate.head",
+}
 
-    ``flags`` holds the stage's own command-line options; ``None`` values mean "not given".
+
+def check_sections(cfg: Mapping, sections: Mapping[str, type]) -> dict[str, Any]:
+    """Build every section of a resolved config with its dataclass, at once.
+
+    Raises :class:`ConfigError` naming every unknown section (with the closest valid one),
+    unknown key and badly typed value, so a run never starts on a misspelt setting.
     """
-    cfg = load_config(config_file, overrides)
-    values = dict(cfg.get(section) or {})
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
-    return build(cls, values, where=section)
+    problems = []
+    for name in cfg:
+        if name not in sections:
+            problems.append(f"unknown config section {name!r}{closest(name, sections)}")
+    built = {}
+    for name, cls in sections.items():
+        try:
+            built[name] = build(cls, cfg.get(name) or {}, where=name)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return built
 
 
 def to_dict(obj: Any) -> dict:

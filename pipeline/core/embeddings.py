@@ -33,6 +33,8 @@ from pipeline.core import io
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+# Keys of a decision's meta.json that hold paths (stored relative to the decision).
+PATH_KEYS = ("pool", "input", "text", "queries")
 DECISION = "decision.parquet"
 
 
@@ -144,15 +146,20 @@ def load(url: str, require_complete: bool = True) -> tuple[np.ndarray, np.ndarra
     rows of the pool embeddings it was decided over, in pool order.
     """
     if is_decision(url):
-        meta = read_meta(url)
         kept = decision_kept(url)
-        uids, labels, feats = load(meta["pool"], require_complete)
+        uids, labels, feats = load(decision_pool(url), require_complete)
         mask = np.isin(uids, kept)
         return uids[mask], labels[mask], feats[mask]
     table, feats = load_table(url, require_complete)
     uids = np.asarray(table.column("uid").to_pylist(), dtype=object)
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return uids, labels, feats
+
+
+def decision_pool(url: str) -> str:
+    """The pool embeddings a decision was made over (stored relative to the decision, so a run
+    directory can move)."""
+    return io.resolve(url, read_meta(url)["pool"])
 
 
 def decision_kept(url: str) -> np.ndarray:
@@ -223,7 +230,10 @@ def write_decision(
             f"decision needs columns uid,label,score,kept,reason and meta['pool'] (missing {sorted(missing)})"
         )
     io.write_parquet(table, io.join(out_url, DECISION))
-    io.write_json(io.join(out_url, META), dict(meta))
+    # Paths relative to the decision: a run directory read from elsewhere, or moved, still finds
+    # its own pool (never one a relative path would name from the reader's working directory).
+    meta = {k: io.relative(v, out_url) if k in PATH_KEYS and v else v for k, v in meta.items()}
+    io.write_json(io.join(out_url, META), meta)
     io.write_json(io.join(out_url, "stats.json"), dict(stats))
     io.mark_done(out_url)
 

@@ -42,6 +42,23 @@ class InputError(ValueError):
 _LOCAL_PROTOCOLS = {"file", "local"}
 
 
+_CONFIGURED: dict[str, dict] = {}
+
+
+def configure(storage_options: dict[str, dict]) -> None:
+    """Default fsspec options per protocol (the ``io.storage_options`` setting) for every URL of
+    that protocol this process opens; options passed to a call still win. Spark tasks get them
+    from :func:`configured` through their closure."""
+    for protocol, options in (storage_options or {}).items():
+        fsspec.config.conf.setdefault(protocol, {}).update(options)
+        _CONFIGURED.setdefault(protocol, {}).update(options)
+
+
+def configured() -> dict[str, dict]:
+    """What :func:`configure` set in this process (to hand to another one)."""
+    return {k: dict(v) for k, v in _CONFIGURED.items()}
+
+
 def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for an fsspec URL or local path."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
@@ -67,6 +84,34 @@ def join(base: str, *parts: str) -> str:
         if p:
             out = f"{out}/{p}"
     return out
+
+
+def relative(target: str, base: str) -> str:
+    """``target`` as a path relative to the directory ``base`` where both are on one
+    filesystem (local paths, or one bucket), so a directory tree can move; else ``target``.
+    :func:`resolve` turns it back."""
+    import posixpath
+
+    if is_local(target) and is_local(base):
+        t, b = (os.path.abspath(url_to_fs(u)[1]) for u in (target, base))
+        return os.path.relpath(t, b)
+    if protocol(target) == protocol(base):
+        t, b = (u.split("://", 1)[1] for u in (target, base))
+        if t.split("/", 1)[0] == b.split("/", 1)[0]:
+            return posixpath.relpath(t, b)
+    return target
+
+
+def resolve(base: str, path: str) -> str:
+    """A path stored by :func:`relative`, resolved against the directory ``base``."""
+    import posixpath
+
+    if "://" in path or os.path.isabs(path):
+        return path
+    if is_local(base):
+        return os.path.normpath(os.path.join(url_to_fs(base)[1], path))
+    proto, rest = base.split("://", 1)
+    return f"{proto}://{posixpath.normpath(posixpath.join(rest, path))}"
 
 
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -166,10 +166,35 @@ def demo_overrides(extra: list[str] | None = None) -> list[str]:
         "download.timeout=3",
         "download.retries=0",
         "download.samples_per_shard=256",
+        f"embed.model={DEMO_MODEL}",
+        "embed.pretrained=none",
+        "embed.device=cpu",
         "embed.batch_size=128",
         "embed.workers=1",
+        "spark.master=local[2]",
+        "select.min_prob=0.0",
+        "select.require_agreement=false",
+        "select.k=8",
+        "evaluate.shots=[0, 1, 2, 5]",
+        "evaluate.seeds=2",
         *(extra or []),
     ]
+
+
+def demo_config(
+    out_dir: str,
+    metadata: str,
+    task: str,
+    extra_overrides: list[str] | None = None,
+    config_file: str | None = None,
+) -> dict:
+    """Every config section of a demo run (the demo's settings, then the user's)."""
+    from pipeline.app.registry import resolve
+
+    where = {"subset.dataset": DEMO_DATASET, "subset.metadata": metadata}
+    where.update({"subset.data_root": task, "subset.run_dir": out_dir})
+    overrides = [f"{k}={v}" for k, v in where.items()] + demo_overrides(extra_overrides)
+    return resolve(config_file, overrides)
 
 
 def run_demo(
@@ -178,10 +203,11 @@ def run_demo(
     rows: int = 1200,
     seed: int = 0,
     extra_overrides: list[str] | None = None,
-    overwrite: list[str] | None = None,
+    redo: list[str] | None = None,
+    config_file: str | None = None,
 ) -> int:
     """Serve the images, prepare inputs, run ``primer subset``; returns the exit code."""
-    from pipeline.app.subset import SubsetConfig, run_subset, summary
+    from pipeline.app.subset import run_subset, summary
 
     try:
         server = ImageServer(port=port, image_size=64)
@@ -192,22 +218,8 @@ def run_demo(
         return 1
     with server:
         metadata, task = prepare_inputs(out_dir, server.base_url, rows, seed)
-        cfg = SubsetConfig(
-            dataset=DEMO_DATASET,
-            metadata=metadata,
-            data_root=task,
-            run_dir=out_dir,
-            model=DEMO_MODEL,
-            pretrained="none",
-            device="cpu",
-            master="local[2]",
-            min_prob=0.0,
-            require_agreement=False,
-            k=8,
-            shots="0,1,2,5",
-            seeds=2,
-        )
-        results = run_subset(cfg, overrides=demo_overrides(extra_overrides), overwrite=overwrite)
+        config = demo_config(out_dir, metadata, task, extra_overrides, config_file)
+        results = run_subset(config, redo=redo)
     sys.stdout.write(summary(results, out_dir))
     sys.stdout.write(
         "\nNOTE: the demo embeds with an untrained model (pretrained=none), so its accuracies are meaningless;\n"
@@ -235,9 +247,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--redo",
         "--overwrite",
+        dest="redo",
         action="append",
         metavar="STAGE",
-        help="redo these stages (comma list; 'all')",
+        help="redo these stages (comma list; 'all'; --overwrite is the earlier spelling)",
     )
-    p.set_defaults(func=lambda a: run_demo(a.out, a.port, a.rows, a.seed, a.overrides, a.overwrite))
+    p.set_defaults(
+        func=lambda a: run_demo(a.out, a.port, a.rows, a.seed, a.overrides, a.redo, a.config)
+    )

@@ -20,7 +20,6 @@ Priming reference); each such row is downloaded as its own sample, so embeddings
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -33,8 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core import io
-from pipeline.core.config import stage_config, to_dict
+from pipeline.core import fingerprint, io
+from pipeline.core.config import to_dict
+from pipeline.core.fingerprint import result_field
 from pipeline.download import urlcheck
 from pipeline.download.urlcheck import check_urls
 
@@ -43,14 +43,18 @@ log = logging.getLogger(__name__)
 INPUT_DIR = "_input"
 MANIFEST = "manifest.parquet"
 MATCH_COLUMNS = ("uid", "url", "caption", "label", "class_name")
+# The shards', manifest's and stats' layout; an output of another is never reused.
+OUTPUT_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
     """Settings of the download stage (section ``download``); img2dataset's names in brackets."""
 
-    processes: int = 2  # [processes_count]
-    threads: int = 32  # [thread_count]
+    # How the work is done (left out of the output's fingerprint). processes 0: one per core,
+    # as img2dataset advises.
+    processes: int = result_field(0)  # [processes_count]
+    threads: int = result_field(32)  # [thread_count]
     samples_per_shard: int = 10000  # [number_sample_per_shard]
     image_size: int = 224
     resize_mode: str = "keep_ratio"  # short side = image_size, aspect kept
@@ -65,14 +69,14 @@ class DownloadConfig:
     max_image_bytes: int = 32 * 2**20
     respect_robots_optout: bool = True  # X-Robots-Tag noai/noimageai/noindex/noimageindex
     allow_private_addresses: bool = False
-    distributor: str = "multiprocessing"  # or pyspark (jobs/download.py)
-    max_shard_retry: int = 1  # img2dataset retries a failed shard this often in the same run
+    distributor: str = result_field("multiprocessing")  # or pyspark (jobs/download.py)
+    max_shard_retry: int = result_field(1)  # retries of a failed shard within a run
     user_agent_token: str = "primer"
 
     def __post_init__(self) -> None:
         problems = []
-        if self.processes < 1 or self.threads < 1:
-            problems.append("processes and threads must be >= 1")
+        if self.processes < 0 or self.threads < 1:
+            problems.append("processes must be >= 0 (0: one per core) and threads >= 1")
         if self.samples_per_shard < 1:
             problems.append("samples_per_shard must be >= 1")
         if self.image_size < 1:
@@ -97,6 +101,10 @@ class DownloadConfig:
             problems.append("distributor must be multiprocessing or pyspark")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def worker_processes(self) -> int:
+        """``processes``, with 0 resolved to this machine's core count."""
+        return self.processes or os.cpu_count() or 1
 
 
 # Failure messages (img2dataset's and ours) -> a few reasons people can act on.
@@ -186,7 +194,7 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, out: str) -> dict:
         caption_col="caption",
         save_additional_columns=["uid", "label", "class_name"],
         output_format="webdataset",
-        processes_count=cfg.processes,
+        processes_count=cfg.worker_processes(),
         thread_count=cfg.threads,
         number_sample_per_shard=cfg.samples_per_shard,
         image_size=cfg.image_size,
@@ -423,7 +431,13 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
             unfinished run over a different list.
         RuntimeError: shards still unfinished after img2dataset's retries (rerun to resume).
     """
-    if not io.prepare_output(out, overwrite):
+    fp = fingerprint.make(
+        "download",
+        OUTPUT_FORMAT,
+        fingerprint.result_settings(cfg),
+        {"matches": fingerprint.input_identity(matches, (".parquet",))},
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     timings = {}
     t0 = time.perf_counter()
@@ -446,7 +460,7 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
             allowed.num_rows,
             out,
             cfg.distributor,
-            cfg.processes,
+            cfg.worker_processes(),
             cfg.threads,
         )
         # img2dataset's incremental mode reads every top-level *.json as "<shard>_stats.json";
@@ -485,35 +499,3 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
         stats["failures_by_reason"],
     )
     return stats
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "download",
-        parents=[common],
-        help="stage 2: download matched rows into webdataset shards (img2dataset)",
-        description="Download the text filter's matched rows into webdataset shards with img2dataset; "
-        "writes manifest.parquet, stats.json and _SUCCESS. Settings: section `download` "
-        "(conf/stages/download.yaml), e.g. --set download.image_size=336.",
-    )
-    p.add_argument(
-        "--matches", required=True, help="the text filter's output directory (local or s3://)"
-    )
-    p.add_argument(
-        "--out", required=True, help="output directory URL for the shards (local or s3://)"
-    )
-    p.add_argument(
-        "--processes", type=int, help="downloader processes (default: download.processes)"
-    )
-    p.add_argument("--threads", type=int, help="threads per process (default: download.threads)")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.set_defaults(func=cmd_download)
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    """``primer download``: prints ``<success>/<total> images downloaded -> <out>``."""
-    flags = {"processes": args.processes, "threads": args.threads}
-    cfg = stage_config(DownloadConfig, "download", args.config, args.overrides, flags)
-    stats = run_download(cfg, args.matches, args.out, args.overwrite)
-    sys.stdout.write(f"{stats['success']}/{stats['total']} images downloaded -> {args.out}\n")
-    return 0

@@ -98,6 +98,74 @@ def _read_state_dict(path: str):
     return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True), data
 
 
+# Model names open_clip resolves itself, weights and config included.
+SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def model_name(model: str) -> str:
+    """The open_clip name of ``model``: a bundled or open_clip config, a schema name
+    (``hf-hub:org/repo``, ``local-dir:PATH``) as it is, or a model config ``.json`` path
+    (registered, then named by its file stem). Raises :class:`pipeline.core.io.InputError`
+    for an unknown name, with the closest known one (``ViT-B/32``: did you mean ``ViT-B-32``?).
+    """
+    from pathlib import Path
+
+    from pipeline.core.config import closest
+
+    open_clip = import_open_clip()
+    open_clip.add_model_config(str(CONF_DIR / "models"))
+    if model.startswith(SCHEMAS):
+        return model
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise io.InputError(f"model config {model!r} does not exist")
+        open_clip.add_model_config(model)
+        return Path(model).stem
+    known = open_clip.list_models()
+    if model not in known:
+        hint = closest(model.replace("/", "-"), known) or closest(model, known)
+        raise io.InputError(
+            f"unknown open_clip model {model!r}{hint}: see open_clip.list_models(), "
+            "conf/models/, or give hf-hub:org/repo, local-dir:PATH or a model config .json"
+        )
+    return model
+
+
+def model_identity(cfg: EmbedConfig) -> dict:
+    """What the weights are, for the outputs' fingerprints: the model with its pretrained tag,
+    its checkpoint's SHA-256, its local directory's files, or the seed of untrained weights."""
+    from pipeline.core import fingerprint
+
+    if cfg.model.startswith("local-dir:"):
+        return {"model": cfg.model, "files": fingerprint.file_identity(cfg.model[10:])}
+    if cfg.model.startswith("hf-hub:"):
+        return {"model": cfg.model}
+    if cfg.checkpoint:
+        return {"model": cfg.model, "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint)}
+    if cfg.weights() == "untrained":
+        return {"model": cfg.model, "untrained_seed": cfg.seed}
+    return {"model": cfg.model, "pretrained": cfg.pretrained}
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def checkpoint_sha256(url: str) -> str:
+    """SHA-256 of a checkpoint (read once per process for an unchanged file)."""
+    fs, path = io.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise io.InputError(
+            f"checkpoint {url!r} does not exist; pass the path of a saved state dict, or "
+            "--pretrained TAG / --pretrained none"
+        ) from None
+    key = (url, info.get("size"), str(info.get("mtime", info.get("LastModified", ""))))
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(url)
+    return _SHA_CACHE[key]
+
+
 def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
     """Build the open_clip model with its preprocessing and tokenizer.
 
@@ -117,17 +185,13 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
     import torch
 
     open_clip = import_open_clip()
-    open_clip.add_model_config(str(CONF_DIR / "models"))
-    if cfg.model not in open_clip.list_models():
-        raise io.InputError(
-            f"unknown open_clip model {cfg.model!r} (see open_clip.list_models() or conf/models/)"
-        )
+    name = model_name(cfg.model)
     device = resolve_device(cfg.device, local_rank)
     precision = cfg.precision
     if precision == "auto":
         on_cuda = device.startswith("cuda")
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_cuda else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        precision = ("amp_bf16" if torch.cuda.is_bf16_supported() else "amp") if on_cuda else "fp32"
+    dtype = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}[precision]
     meta = {
         "model": cfg.model,
         "pretrained": None,
@@ -139,13 +203,28 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
     }
     # Seeded before creation: untrained weights are then identical in every process.
     torch.manual_seed(cfg.seed)
-    if cfg.checkpoint:
+    if name.startswith(SCHEMAS):
+        if cfg.checkpoint:
+            raise io.InputError(
+                f"{cfg.model} brings its own weights; drop embed.checkpoint, or name the model's "
+                "architecture (its open_clip config) to load the checkpoint into"
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name)
+        except Exception as e:
+            raise io.InputError(
+                f"could not load {cfg.model} ({type(e).__name__}: {str(e)[:200]}). An hf-hub: "
+                "model needs network access or a filled Hugging Face cache (HF_HOME); a local-dir: "
+                "one needs open_clip_config.json and its weights in that directory."
+            ) from None
+        meta["pretrained"] = name
+    elif cfg.checkpoint:
         if not io.exists(cfg.checkpoint):
             raise io.InputError(
                 f"checkpoint {cfg.checkpoint!r} does not exist; pass the path of a saved state "
                 "dict, or --pretrained TAG / --pretrained none"
             )
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=None)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         try:
             state, raw = _read_state_dict(cfg.checkpoint)
         except Exception as e:
@@ -168,7 +247,7 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
         meta["checkpoint"] = cfg.checkpoint
         meta["checkpoint_sha256"] = hashlib.sha256(raw).hexdigest()
     elif cfg.pretrained in ("", "none"):
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=None)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         meta["untrained"] = True
         log.warning(
             "embedding with UNTRAINED %s weights (seed %d): similarities are meaningless",
@@ -176,15 +255,15 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
             cfg.seed,
         )
     else:
-        if cfg.pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(cfg.model)) or "none"
+        if cfg.pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
             raise io.InputError(
                 f"open_clip has no pretrained tag {cfg.pretrained!r} for {cfg.model} (known: "
                 f"{tags}); or pass --checkpoint PATH, or --pretrained none"
             )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=cfg.pretrained
+                name, pretrained=cfg.pretrained
             )
         except Exception as e:
             raise io.InputError(
@@ -209,7 +288,7 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     meta["preprocess"] = repr(preprocess)
     meta["image_size"] = size
-    lm = LoadedModel(model, preprocess, open_clip.get_tokenizer(cfg.model), device, dtype, meta)
+    lm = LoadedModel(model, preprocess, open_clip.get_tokenizer(name), device, dtype, meta)
     lm.image_size = size
     split = _split_preprocess(preprocess)
     if split is not None:

@@ -18,13 +18,16 @@ from collections import Counter
 import numpy as np
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
+from pipeline.core import fingerprint, io
 from pipeline.embed.config import EmbedConfig
-from pipeline.embed.model import encode_images, load_model
+from pipeline.embed.model import encode_images, load_model, model_identity
 from pipeline.embed.shards import _loader, _unit_dataset, plan_units
 
 log = logging.getLogger(__name__)
 
+
+# The embedding format's version (pipeline.core.embeddings); another is never reused.
+OUTPUT_FORMAT = 1
 
 # Failure rows kept in stats.json (every one is in its shard's .done marker).
 MAX_FAILURES_IN_STATS = 1000
@@ -109,7 +112,13 @@ def embed_shards(
     Raises:
         pipeline.core.io.InputError: no tars at ``shards_url``; model problems (:func:`load_model`).
     """
-    if not io.prepare_output(out, overwrite):
+    fp = fingerprint.make(
+        "embed-pool",
+        OUTPUT_FORMAT,
+        inputs={"shards": fingerprint.input_identity(shards_url, (".tar",))},
+        model=model_identity(cfg),
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     from tqdm import tqdm
 

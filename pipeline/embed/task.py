@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
+from pipeline.core import fingerprint, io
 from pipeline.core.config import load_dataset
 from pipeline.embed.config import EmbedConfig
-from pipeline.embed.model import LoadedModel, encode_images, load_model
-from pipeline.embed.pool import _finish
+from pipeline.embed.model import LoadedModel, encode_images, load_model, model_identity
+from pipeline.embed.pool import OUTPUT_FORMAT, _finish
 from pipeline.embed.shards import _loader, decode_image
 
 
@@ -73,16 +73,24 @@ def embed_task(
         pipeline.core.io.InputError: missing or malformed layout; labels outside the dataset; a
             download that cannot reach the network; model problems.
     """
-    if not io.prepare_output(out, overwrite):
-        return io.read_json(io.join(out, "stats.json"))
     from tqdm import tqdm
 
-    from pipeline.embed.tasks import list_task_images, torchvision_download
+    from pipeline.embed.tasks import images_identity, list_task_images, torchvision_download
 
     spec = load_dataset(dataset)
     if download:
         torchvision_download(layout or spec.layout, root, split)
     items = list_task_images(spec, root, split, layout, seed=cfg.seed)
+    fp = fingerprint.make(
+        "embed-task",
+        OUTPUT_FORMAT,
+        {"split": split, "layout": layout or spec.layout},
+        {"images": images_identity(items)},
+        dataset=spec.identity("classes"),
+        model=model_identity(cfg),
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
+        return io.read_json(io.join(out, "stats.json"))
     lm = load_model(cfg)
     meta = {
         **lm.meta,

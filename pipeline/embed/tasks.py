@@ -60,6 +60,18 @@ class TaskImage:
         return io.make_uid(f"task:{split}/{self.rel}", "")
 
 
+def images_identity(items: list[TaskImage]) -> dict:
+    """The identity of a task split for a fingerprint: each image's path relative to the root,
+    label, size and modification time (so a moved dataset root stays the same)."""
+    from pipeline.core.fingerprint import digest
+
+    rows = []
+    for it in items:
+        st = os.stat(it.path)
+        rows.append([it.rel, it.label, st.st_size, st.st_mtime_ns])
+    return {"images": len(rows), "sha256": digest(rows)}
+
+
 def _norm(name: str) -> str:
     """Folder names and class names compare case-blind, with ``_ - /`` and spaces alike."""
     return re.sub(r"[\s_\-/]+", " ", name.strip().lower()).strip()

@@ -4,10 +4,11 @@ dataset config names a file; one row per prompt, so heads can be rebuilt without
 from __future__ import annotations
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
+from pipeline.core import fingerprint, io
 from pipeline.core.config import load_dataset
 from pipeline.embed.config import EmbedConfig
-from pipeline.embed.model import encode_texts, load_model
+from pipeline.embed.model import encode_texts, load_model, model_identity
+from pipeline.embed.pool import OUTPUT_FORMAT
 
 
 def embed_text(cfg: EmbedConfig, dataset: str, out: str, overwrite: bool = False) -> dict:
@@ -17,9 +18,15 @@ def embed_text(cfg: EmbedConfig, dataset: str, out: str, overwrite: bool = False
     adds ``num_classes`` and ``classnames`` so heads can be rebuilt without the model
     (:func:`pipeline.core.embeddings.load_text`). Returns the stats (prompt counts).
     """
-    if not io.prepare_output(out, overwrite):
-        return io.read_json(io.join(out, "stats.json"))
     spec = load_dataset(dataset)
+    fp = fingerprint.make(
+        "embed-text",
+        OUTPUT_FORMAT,
+        dataset=spec.identity("classes", "templates", "descriptions"),
+        model=model_identity(cfg),
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
+        return io.read_json(io.join(out, "stats.json"))
     labels, kinds, prompts = [], [], []
     for kind, source in (("template", spec.prompts), ("description", spec.class_descriptions)):
         for c in range(spec.num_classes):

@@ -19,21 +19,22 @@ same keys, its (a, b) searched the same way.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
-from pipeline.core.config import load_dataset, stage_config, to_dict
+from pipeline.core import fingerprint, io
+from pipeline.core.config import load_dataset, to_dict
 from pipeline.evaluate import classify as C
 
 log = logging.getLogger(__name__)
+
+# The results' layout (results.json, results.md); an output of another is never reused.
+OUTPUT_FORMAT = 1
 
 # Footnote marks of the alpha column in results.md, one per rule of pipeline.classify.
 RULE_NOTES = {
@@ -431,7 +432,20 @@ def run_evaluate(
     Returns the results dict (also when a complete output is skipped). Raises
     :class:`pipeline.core.io.InputError` for bad inputs (see :func:`load_task`).
     """
-    if not io.prepare_output(out, overwrite):
+    inputs = {
+        "train": train,
+        "test": test,
+        "text": text,
+        **({"priming": priming} if priming else {}),
+    }
+    fp = fingerprint.make(
+        "evaluate",
+        OUTPUT_FORMAT,
+        fingerprint.result_settings(cfg),
+        {k: fingerprint.input_identity(v) for k, v in inputs.items()},
+        dataset=load_dataset(dataset, descriptions=False).identity("classes"),
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "results.json"))
     t0 = time.perf_counter()
     task, info = load_task(dataset, train, test, text, priming)
@@ -478,40 +492,3 @@ def run_evaluate(
         "evaluation of %s written to %s in %.1f s", info["dataset"], out, time.perf_counter() - t0
     )
     return result
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        parents=[common],
-        help="stage 6: accuracy table of zero-shot, CuPL, priming and few-shot heads",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--dataset", required=True, help="bundled dataset name or path.yaml")
-    p.add_argument(
-        "--task-train",
-        dest="train",
-        required=True,
-        help="train-split embeddings (shots come from here)",
-    )
-    p.add_argument("--task-test", dest="test", required=True, help="test-split embeddings")
-    p.add_argument("--text", required=True, help="class prompt embeddings (embed-text)")
-    p.add_argument("--priming", help="priming embeddings, or a decision (its kept pool rows)")
-    p.add_argument("--shots", help="comma list of shots per class, e.g. 0,1,2,5,10")
-    p.add_argument("--seeds", type=int, help="shot draws per shot count")
-    p.add_argument("--alpha", help="weight of the text head: a number in [0, 1], or auto")
-    p.add_argument("--head", choices=["centroid", "tip-adapter"])
-    p.add_argument("--out", required=True, help="output directory (any fsspec URL)")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    flags = {"shots": args.shots, "seeds": args.seeds, "alpha": args.alpha, "head": args.head}
-    cfg = stage_config(EvaluateConfig, "evaluate", args.config, args.overrides, flags)
-    run_evaluate(
-        cfg, args.dataset, args.train, args.test, args.text, args.out, args.priming, args.overwrite
-    )
-    # The table is this command's result, so it goes to stdout (logs go to stderr).
-    sys.stdout.write(io.read_bytes(io.join(args.out, "results.md")).decode("utf-8"))
-    return 0

@@ -9,13 +9,11 @@ uses the same functions.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io as _io
 import json
 import logging
-import sys
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -27,20 +25,18 @@ from pipeline.core import io
 
 log = logging.getLogger(__name__)
 
-# Sub-directories of a run directory (see docs/architecture.md).
-LAYOUT = {
-    "matches": "matches",
-    "shards": "shards",
-    "pool": "emb/pool",
-    "task_train": "emb/task-train",
-    "task_test": "emb/task-test",
-    "text": "emb/text",
-    "clip": "decisions/clip",
-    "transductive": "decisions/transductive",
-    "subset": "subset",
-    "eval": "eval",
-    "report": "report",
-}
+
+def layout() -> dict[str, str]:
+    """Where each stage writes in a run directory, from ``primer subset``'s steps."""
+    from pipeline.app.subset import STAGE_OUT
+
+    names = {
+        "matches": "filter", "shards": "download", "pool": "embed-pool",
+        "task_train": "embed-task-train", "task_test": "embed-task-test", "text": "embed-text",
+        "clip": "clip-filter", "transductive": "transductive", "subset": "materialise",
+        "eval": "evaluate", "report": "report",
+    }  # fmt: skip
+    return {k: STAGE_OUT[v] for k, v in names.items()}
 
 
 @dataclass
@@ -92,13 +88,19 @@ def _per_class(labels: list[int], n: int) -> list[int]:
     return [c.get(i, 0) for i in range(n)]
 
 
-def _images_for(shards_url: str, uids: set[str], max_bytes: int = 2_000_000) -> dict[str, bytes]:
-    """Image bytes for ``uids`` from webdataset shards, reading members as data (never extracting)."""
+def _images_for(
+    shards_url: str, uids: set[str], shards: set[str] | None = None, max_bytes: int = 2_000_000
+) -> dict[str, bytes]:
+    """Image bytes for ``uids`` from webdataset shards, reading members as data (never
+    extracting). ``shards``: the names (``00000``) of the only tars to open, as the download
+    manifest gives them; None opens every tar."""
     found: dict[str, bytes] = {}
     try:
         tars = io.list_files(shards_url, suffixes=(".tar",))
     except FileNotFoundError:
         return found
+    if shards is not None:
+        tars = [t for t in tars if t.rsplit("/", 1)[-1][: -len(".tar")] in shards]
     for t in tars:
         fs, path = io.url_to_fs(t)
         with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
@@ -133,7 +135,12 @@ def collect_run(
     ``per_class`` caps the examples per class (kept ones first, best score first, then the
     dropped ones so the reader sees why). Missing stages are simply absent from the summary.
     """
-    p = {k: io.join(run_dir, v) for k, v in LAYOUT.items()}
+    p = {k: io.join(run_dir, v) for k, v in layout().items()}
+    if not any(io.is_done(p[k]) for k in ("matches", "shards", "pool", "clip", "transductive")):
+        raise io.InputError(
+            f"{run_dir} holds no stage output (no complete {', '.join(sorted(set(p.values())))}); "
+            "give the run directory of a `primer subset` run, or run it first"
+        )
     matches = _table(p["matches"])
     if classnames is None:
         text_meta = _read_json(io.join(p["text"], "meta.json"))
@@ -160,14 +167,19 @@ def collect_run(
                 row.get("matched_term") or "",
             )
     manifest = _table(io.join(p["shards"], "manifest.parquet"))
+    shard_of: dict[str, str] = {}
     if manifest is not None and n:
         ok = manifest.filter(pc.equal(manifest.column("status"), "success"))
         counts["downloaded"] = _per_class(ok.column("label").to_pylist(), n)
-        for uid, status in zip(
-            manifest.column("uid").to_pylist(), manifest.column("status").to_pylist()
+        for uid, status, shard in zip(
+            manifest.column("uid").to_pylist(),
+            manifest.column("status").to_pylist(),
+            manifest.column("shard").to_pylist(),
         ):
             if uid in examples:
                 examples[uid].status = status
+            if shard is not None:
+                shard_of[uid] = str(shard)
     for name in ("clip", "transductive"):
         dec = _table(io.join(p[name], "decision.parquet"))
         if dec is None or not n:
@@ -200,7 +212,8 @@ def collect_run(
         dropped = [e for e in exs if not e.kept][: per_class - len(kept)]
         chosen[c] = kept + dropped
     wanted = {e.uid for exs in chosen.values() for e in exs}
-    images = _images_for(p["shards"], wanted) if wanted else {}
+    shards = {shard_of[u] for u in wanted if u in shard_of} if manifest is not None else None
+    images = _images_for(p["shards"], wanted, shards) if wanted else {}
     for exs in chosen.values():
         for e in exs:
             e.image = images.get(e.uid)
@@ -343,26 +356,8 @@ def render_html(summary: RunSummary) -> str:
 
 def write_report(run_dir: str, out_url: str | None = None, per_class: int = 12) -> str:
     """Write ``<run_dir>/report/index.html`` (or ``out_url``); returns its URL."""
-    out_url = out_url or io.join(run_dir, LAYOUT["report"], "index.html")
+    out_url = out_url or io.join(run_dir, layout()["report"], "index.html")
     page = render_html(collect_run(run_dir, per_class=per_class))
     io.write_bytes(out_url, page.encode("utf-8"))
     log.info("report written to %s", out_url)
     return out_url
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "report",
-        parents=[common],
-        help="write a static HTML report of a run directory",
-        description="Per class: retrieved images with captions, match terms, scores and kept/dropped reasons; counts through the stages; the accuracy table.",
-    )
-    p.add_argument("run_dir", help="a run directory written by `primer subset` (any fsspec URL)")
-    p.add_argument("--out", help="where to write the HTML (default <run_dir>/report/index.html)")
-    p.add_argument("--per-class", type=int, default=12, help="images shown per class (default 12)")
-    p.set_defaults(func=_cmd_report)
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    sys.stdout.write(write_report(args.run_dir, args.out, args.per_class) + "\n")
-    return 0

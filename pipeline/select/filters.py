@@ -22,9 +22,7 @@ timings, so the same inputs and config give byte-identical ``decision.parquet`` 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,11 +31,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import embeddings as E
-from pipeline.core import io
-from pipeline.core.config import stage_config, to_dict
+from pipeline.core import fingerprint, io
+from pipeline.core.config import to_dict
 from pipeline.select.knn import KnnConfig, search, search_grouped
 
 log = logging.getLogger(__name__)
+
+# The decision format's version (pipeline.core.embeddings); another is never reused.
+OUTPUT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class SelectConfig:
     """
 
     min_prob: float = 0.0
-    require_agreement: bool = False
+    require_agreement: bool = True
     logit_scale: float = 100.0
     k: int = 10
     mode: str = "global"  # global | kshot | per_class
@@ -263,7 +264,7 @@ def _pool(url: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(original pool URL, uids, labels, feats) of an embedding or decision directory; for a
     decision, its kept rows of the pool it decided over."""
     uids, labels, feats = E.load(url)
-    return (E.read_meta(url)["pool"] if E.is_decision(url) else url), uids, labels, feats
+    return (E.decision_pool(url) if E.is_decision(url) else url), uids, labels, feats
 
 
 def _check_dims(what: dict[str, np.ndarray]) -> None:
@@ -290,7 +291,13 @@ def run_clip_filter(
     ``overwrite``. Raises :class:`pipeline.core.io.InputError` for incomplete inputs or mismatched
     embedding dimensions.
     """
-    if not io.prepare_output(out, overwrite):
+    fp = fingerprint.make(
+        "clip-filter",
+        OUTPUT_FORMAT,
+        cfg.result_settings("clip"),
+        {"pool": fingerprint.input_identity(pool), "text": fingerprint.input_identity(text)},
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
     root, uids, labels, feats = _pool(pool)
@@ -334,7 +341,14 @@ def run_transductive(
         raise io.InputError(
             "transductive --per-class needs --text (class prompt embeddings) to predict the query classes"
         )
-    if not io.prepare_output(out, overwrite):
+    inputs = {"pool": pool, "queries": queries, **({"text": text} if text else {})}
+    fp = fingerprint.make(
+        "transductive",
+        OUTPUT_FORMAT,
+        cfg.result_settings("transductive"),
+        {k: fingerprint.input_identity(v) for k, v in inputs.items()},
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
     root, uids, labels, feats = _pool(pool)
@@ -372,91 +386,3 @@ def run_transductive(
         stats["pool"],
     )
     return stats
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add ``primer clip-filter`` and ``primer transductive``."""
-    p = sub.add_parser(
-        "clip-filter",
-        parents=[common],
-        help="stage 4: CLIP-score filter (writes a decision only)",
-        description="Keep a pool image when softmax(100 f.T)[caption label] >= --min-prob and, with "
-        "--require-agreement, when its zero-shot prediction is its caption label. Writes a decision "
-        "directory (decision.parquet, meta.json, stats.json, _SUCCESS).",
-    )
-    p.add_argument("--pool", required=True, help="pool embeddings (or a decision to start from)")
-    p.add_argument("--text", required=True, help="class prompt embeddings (primer embed-text)")
-    p.add_argument("--out", required=True, help="decision directory URL")
-    p.add_argument(
-        "--min-prob",
-        dest="min_prob",
-        type=float,
-        help="minimum softmax probability of the caption label (default select.min_prob)",
-    )
-    p.add_argument(
-        "--require-agreement",
-        dest="require_agreement",
-        action="store_true",
-        default=None,
-        help="keep only images whose zero-shot prediction is their caption label",
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.set_defaults(func=_cmd_clip)
-
-    p = sub.add_parser(
-        "transductive",
-        parents=[common],
-        help="stage 4: transductive kNN filter (writes a decision only)",
-        description="Keep the union of every query image's K nearest pool images (cosine, FAISS: exact "
-        "up to select.exact_max_pool pool vectors, IVF above). Writes a decision directory.",
-    )
-    p.add_argument(
-        "--pool",
-        required=True,
-        help="pool embeddings, or a decision (e.g. the CLIP filter's) to start from",
-    )
-    p.add_argument(
-        "--queries", required=True, help="target-task embeddings (usually the test split)"
-    )
-    p.add_argument("--k", type=int, help="neighbours per query (default select.k = 10)")
-    p.add_argument(
-        "--text", help="class prompt embeddings (needed by --per-class; names the classes in stats)"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--kshot",
-        action="store_true",
-        help="each query's neighbours only among pool images of its ground-truth label (few-shot mode)",
-    )
-    g.add_argument(
-        "--per-class",
-        dest="per_class",
-        action="store_true",
-        help="each query's neighbours only among pool images of its zero-shot predicted class (needs --text)",
-    )
-    p.add_argument("--out", required=True, help="decision directory URL")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.set_defaults(func=_cmd_transductive)
-
-
-def _cmd_clip(args: argparse.Namespace) -> int:
-    cfg = stage_config(
-        SelectConfig,
-        "select",
-        args.config,
-        args.overrides,
-        {"min_prob": args.min_prob, "require_agreement": args.require_agreement},
-    )
-    s = run_clip_filter(cfg, args.pool, args.text, args.out, args.overwrite)
-    sys.stdout.write(f"kept {s['kept']} of {s['pool']} -> {args.out}\n")
-    return 0
-
-
-def _cmd_transductive(args: argparse.Namespace) -> int:
-    mode = "kshot" if args.kshot else "per_class" if args.per_class else None
-    cfg = stage_config(
-        SelectConfig, "select", args.config, args.overrides, {"k": args.k, "mode": mode}
-    )
-    s = run_transductive(cfg, args.pool, args.queries, args.out, args.text, args.overwrite)
-    sys.stdout.write(f"kept {s['kept']} of {s['pool']} -> {args.out}\n")
-    return 0

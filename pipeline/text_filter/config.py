@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipeline.core.fingerprint import result_field
 from pipeline.text_filter.matcher import ENGINES
 
 # Canonical column -> candidate source names (original LAION-2B-en first, then Re-LAION).
@@ -73,11 +74,12 @@ class TextFilterConfig:
     max_per_class: int = 0
     seed: int = 0
     skip_bad_files: bool = False
-    batch_rows: int = 65536
-    engine: str = "auto"
-    task_rows: int = 4_000_000
-    split_rows: int = 4_000_000
-    global_memory_mb: int = 4096
+    # How the work is done, never what it finds: left out of the output's fingerprint.
+    batch_rows: int = result_field(65536)
+    engine: str = result_field("auto")
+    task_rows: int = result_field(4_000_000)
+    split_rows: int = result_field(4_000_000)
+    global_memory_mb: int = result_field(4096)
 
     def __post_init__(self) -> None:
         problems = []

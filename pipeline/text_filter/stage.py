@@ -13,17 +13,15 @@ so that ``pyarrow.dataset.dataset(out)`` (which skips ``_``/``.`` names) reads t
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.core import io
-from pipeline.core.config import DatasetSpec, load_dataset, stage_config, to_dict
+from pipeline.core import fingerprint, io
+from pipeline.core.config import DatasetSpec, load_dataset, to_dict
 from pipeline.text_filter.config import CONFIG, SCAN_DIR, SCAN_FORMAT, STATS, TextFilterConfig
 from pipeline.text_filter.global_filters import global_pass
 from pipeline.text_filter.parts import (
@@ -35,6 +33,9 @@ from pipeline.text_filter.scan import _check_scan_fingerprint, scan_files
 from pipeline.text_filter.write import _publish_part, finalize_part
 
 log = logging.getLogger(__name__)
+
+# The output's layout (parts, columns, stats files); an output of another is never reused.
+OUTPUT_FORMAT = 1
 
 
 @dataclass
@@ -106,6 +107,7 @@ def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Sca
     from pipeline.core.spark import JobProgress
 
     classes, synonyms = list(spec.classes), _synonyms(spec)
+    options = io.configured()
     # Units a failed run already scanned (their stats marker exists) cost nothing: grouped by
     # the rows still to scan only.
     scanned = _scanned_indices(out, [u.index for u in p.units])
@@ -116,7 +118,7 @@ def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Sca
         with JobProgress(sc, "scan", len(groups)):
             results = (
                 sc.parallelize(groups, max(1, len(groups)))
-                .flatMap(lambda g: scan_files(g, out, cfg, classes, synonyms))
+                .flatMap(lambda g: _in_task(options, scan_files, g, out, cfg, classes, synonyms))
                 .collect()
             )
     except Exception as e:
@@ -155,6 +157,7 @@ def write(s: Scanned, kept: np.ndarray, out: str, sc) -> int:
     from pipeline.core.spark import JobProgress
 
     rewrite = []
+    options = io.configured()
     part_rows = dict(zip(s.done, s.matched))
     first = 0  # the mask runs over the parts' records in order: a part's slice marks its rows
     for i, m in tqdm(list(zip(s.done, s.matched)), desc="place parts", unit="part", disable=None):
@@ -169,7 +172,9 @@ def write(s: Scanned, kept: np.ndarray, out: str, sc) -> int:
     if rewrite:
         with JobProgress(sc, "rewrite parts", len(rewrite), unit="part"):
             rewritten = (
-                sc.parallelize(rewrite, len(rewrite)).map(lambda i: finalize_part(i, out)).collect()
+                sc.parallelize(rewrite, len(rewrite))
+                .map(lambda i: _in_task(options, finalize_part, i, out))
+                .collect()
             )
         if sum(rewritten) != total_kept - sum(part_rows[i] for i in s.done if i not in rewrite):
             raise RuntimeError("text filter: rewritten parts disagree with the kept keys")
@@ -192,10 +197,17 @@ def run_text_filter(
     ``_SUCCESS``; the rerun reuses finished scan units when the files, classes and settings
     are unchanged (and rescans everything otherwise).
     """
-    if not io.prepare_output(out, overwrite):
+    spec = load_dataset(dataset, descriptions=False)
+    fp = fingerprint.make(
+        "filter",
+        OUTPUT_FORMAT,
+        fingerprint.result_settings(cfg),
+        {"metadata": fingerprint.file_identity(metadata, (".parquet",))},
+        dataset=spec.identity("classes", "synonyms"),
+    )
+    if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, STATS))
     t0 = time.perf_counter()
-    spec = load_dataset(dataset, descriptions=False)
     p = plan(cfg, spec, metadata, out)
     from pipeline.core.spark import get_spark
 
@@ -258,6 +270,12 @@ def _stats(
     }
 
 
+def _in_task(options: dict, fn, *args):
+    """``fn(*args)`` in a Spark task, with the driver's fsspec options (``io.storage_options``)."""
+    io.configure(options)
+    return fn(*args)
+
+
 def _spark_error_message(e: Exception) -> str:
     """The Python error inside a failed Spark task, without the JVM stack."""
     text = str(e)
@@ -266,33 +284,3 @@ def _spark_error_message(e: Exception) -> str:
             return text.split(marker, 1)[1].splitlines()[0]
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return f"text filter failed: {lines[-1] if lines else text}"
-
-
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "filter",
-        parents=[common],
-        help="stage 1: keep LAION rows whose captions name a class (Spark)",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_arguments(p)
-    p.set_defaults(func=cmd_filter)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="bundled dataset name or path.yaml")
-    p.add_argument(
-        "--metadata", required=True, help="parquet file, directory, glob or URL (s3://, hf://, ...)"
-    )
-    p.add_argument("--out", required=True, help="output directory URL")
-    p.add_argument("--master", help="Spark master when no session is active (default local[*])")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-
-
-def cmd_filter(args: argparse.Namespace) -> int:
-    cfg = stage_config(TextFilterConfig, "filter", args.config, args.overrides)
-    stats = run_text_filter(cfg, args.dataset, args.metadata, args.out, args.master, args.overwrite)
-    sys.stdout.write(
-        f"{stats['rows_matched']} matches of {stats['rows_scanned']} rows -> {args.out}\n"
-    )
-    return 0

@@ -1,0 +1,55 @@
+"""Settings about a run as a whole (sections ``run``, ``io``, ``spark`` and ``subset``); each
+stage's own settings live in its section, with its dataclass beside the stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``root``: where ``primer subset`` puts a dataset's run directory (any fsspec URL)."""
+
+    root: str = "data"
+
+
+@dataclass(frozen=True)
+class IoConfig:
+    """``storage_options``: fsspec options per protocol, for every URL of that protocol (for
+    example ``{s3: {client_kwargs: {endpoint_url: ...}}}``); AWS variables work as usual."""
+
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [k for k, v in self.storage_options.items() if not isinstance(v, dict)]
+        if bad:
+            raise ValueError(
+                f"storage_options maps a protocol to its options (e.g. s3: {{...}}); {bad} are not"
+            )
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """``master``: the Spark master when no session is active ("" = ``local[*]``; spark-submit
+    sets its own). ``conf``: extra ``spark.*`` settings for a session Primer starts."""
+
+    master: str = ""
+    conf: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """What ``primer subset`` runs on, and which optional stages it runs.
+
+    ``dataset``: a bundled name or a YAML path. ``metadata``: LAION parquet URL, directory or
+    glob (needed by the text filter). ``data_root``: the target task's images, in the layout
+    the dataset config names (needed by the task embeddings). ``run_dir`` defaults to
+    ``<run.root>/<dataset>``. ``clip_filter`` / ``transductive``: run those filters.
+    """
+
+    dataset: str = ""
+    metadata: str = ""
+    data_root: str = ""
+    run_dir: str = ""
+    clip_filter: bool = True
+    transductive: bool = True

@@ -1,0 +1,459 @@
+"""The stage registry: every stage declared once, with the function that runs it on a
+:class:`~pipeline.app.registry.Call`. The ``primer`` command line builds a subcommand per
+entry; ``primer subset`` (:mod:`pipeline.app.subset`) places the same entries in a run
+directory and calls the same functions.
+"""
+
+from __future__ import annotations
+
+from pipeline.app.registry import Call, Option, Stage
+from pipeline.core import io
+
+# Options shared by several stages.
+DATASET = Option(
+    ("--dataset",),
+    "param:dataset",
+    "bundled dataset name (primer classes --list) or the path of a dataset YAML",
+    {"required": True},
+)
+
+
+def _out(what: str = "output directory (any fsspec URL)") -> Option:
+    return Option(("--out",), "out", what, {"required": True})
+
+
+MODEL_OPTIONS = (
+    Option(("--model",), "embed.model", "open_clip model name, hf-hub:org/repo or local-dir:PATH"),
+    Option(("--pretrained",), "embed.pretrained", "open_clip pretrained tag, or none (untrained)"),
+    Option(
+        ("--checkpoint",), "embed.checkpoint", "state dict file or URL (wins over --pretrained)"
+    ),
+    Option(("--device",), "embed.device", "auto | cpu | cuda | cuda:N"),
+    Option(("--precision",), "embed.precision", "auto | fp32 | amp | amp_bf16 (open_clip's names)"),
+    Option(("--batch-size",), "embed.batch_size", "images per forward pass", {"type": int}),
+    Option(("--workers",), "embed.workers", "DataLoader processes decoding images", {"type": int}),
+    Option(("--seed",), "embed.seed", "seed of untrained weights", {"type": int}),
+)
+
+
+def _spark_master(call: Call) -> str | None:
+    return call.section("spark").master or None
+
+
+# ------------------------------------------------------------------------- run functions
+
+
+def run_filter(call: Call) -> dict:
+    from pipeline.text_filter.stage import run_text_filter
+
+    return run_text_filter(
+        call.cfg,
+        call.params["dataset"],
+        call.inputs["metadata"],
+        call.out,
+        master=_spark_master(call),
+        overwrite=call.overwrite,
+    )
+
+
+def run_download(call: Call) -> dict:
+    from pipeline.download.stage import run_download as run
+
+    return run(call.cfg, call.inputs["matches"], call.out, call.overwrite)
+
+
+def run_embed_pool(call: Call) -> dict:
+    from pipeline.embed.pool import embed_shards
+
+    p = call.params
+    return embed_shards(
+        call.cfg, call.inputs["shards"], call.out, call.overwrite, p.get("rank"), p.get("world")
+    )
+
+
+def run_embed_task(call: Call) -> dict:
+    from pipeline.embed.task import embed_task
+
+    p = call.params
+    return embed_task(
+        call.cfg,
+        p["dataset"],
+        p["split"],
+        p["data_root"],
+        call.out,
+        p.get("layout"),
+        call.overwrite,
+        bool(p.get("download")),
+    )
+
+
+def run_embed_text(call: Call) -> dict:
+    from pipeline.embed.text import embed_text
+
+    return embed_text(call.cfg, call.params["dataset"], call.out, call.overwrite)
+
+
+def run_clip_filter(call: Call) -> dict:
+    from pipeline.select.filters import run_clip_filter as run
+
+    return run(call.cfg, call.inputs["pool"], call.inputs["text"], call.out, call.overwrite)
+
+
+def run_transductive(call: Call) -> dict:
+    from pipeline.select.filters import run_transductive as run
+
+    i = call.inputs
+    return run(call.cfg, i["pool"], i["queries"], call.out, i.get("text"), call.overwrite)
+
+
+def run_materialise(call: Call) -> dict:
+    from pipeline.materialise import run_materialise as run
+
+    c = call.cfg
+    return run(
+        call.inputs["decision"],
+        call.inputs["shards"],
+        call.out,
+        c.format,
+        c.samples_per_shard,
+        call.overwrite,
+    )
+
+
+def run_evaluate(call: Call) -> dict:
+    from pipeline.evaluate.stage import run_evaluate as run
+
+    i = call.inputs
+    return run(
+        call.cfg,
+        call.params["dataset"],
+        i["train"],
+        i["test"],
+        i["text"],
+        call.out,
+        i.get("priming"),
+        call.overwrite,
+    )
+
+
+def run_report(call: Call) -> dict:
+    from pipeline.report.page import write_report
+
+    p = call.params
+    return {"report": write_report(p["run_dir"], p.get("out"), p.get("per_class") or 12)}
+
+
+def _embedded(stats: dict, call: Call) -> str:
+    import json
+
+    brief = {k: v for k, v in stats.items() if k != "failures"}
+    return f"{json.dumps(brief, default=str)} -> {call.out}"
+
+
+def _evaluated(stats: dict, call: Call) -> str:
+    # The table is this command's result, so it goes to stdout (logs go to stderr).
+    return io.read_bytes(io.join(call.out, "results.md")).decode("utf-8").rstrip("\n")
+
+
+# ------------------------------------------------------------------------- the registry
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "filter",
+            "stage 1: keep LAION rows whose captions name a class (Spark)",
+            "pipeline.app.stages:run_filter",
+            "filter",
+            (
+                DATASET,
+                Option(
+                    ("--metadata",),
+                    "input:metadata",
+                    "LAION parquet: a file, directory, glob or URL (s3://, hf://, ...)",
+                    {"required": True},
+                ),
+                _out(),
+                Option(("--master",), "spark.master", "Spark master when no session is active"),
+            ),
+            lambda s, c: f"{s['rows_matched']} matches of {s['rows_scanned']} rows -> {c.out}",
+        ),
+        Stage(
+            "download",
+            "stage 2: download matched rows into webdataset shards (img2dataset)",
+            "pipeline.app.stages:run_download",
+            "download",
+            (
+                Option(
+                    ("--matches",), "input:matches", "the text filter's output", {"required": True}
+                ),
+                _out("output directory for the shards (local or s3://)"),
+                Option(
+                    ("--processes",),
+                    "download.processes",
+                    "downloader processes (0: one per core)",
+                    {"type": int},
+                ),
+                Option(("--threads",), "download.threads", "threads per process", {"type": int}),
+            ),
+            lambda s, c: f"{s['success']}/{s['total']} images downloaded -> {c.out}",
+        ),
+        Stage(
+            "embed-pool",
+            "stage 3: embed the downloaded webdataset shards with open_clip",
+            "pipeline.app.stages:run_embed_pool",
+            "embed",
+            (
+                Option(
+                    ("--shards",),
+                    "input:shards",
+                    "directory URL of webdataset .tar shards",
+                    {"required": True},
+                ),
+                _out(),
+                *MODEL_OPTIONS,
+                Option(
+                    ("--rank",),
+                    "param:rank",
+                    "this process's rank (default $RANK or 0)",
+                    {"type": int},
+                ),
+                Option(
+                    ("--world-size",),
+                    "param:world",
+                    "processes in all (default $WORLD_SIZE or 1)",
+                    {"type": int},
+                ),
+            ),
+            _embedded,
+            aliases=("embed",),
+        ),
+        Stage(
+            "embed-task",
+            "stage 3: embed a target task's train or test images",
+            "pipeline.app.stages:run_embed_task",
+            "embed",
+            (
+                DATASET,
+                Option(
+                    ("--split",),
+                    "param:split",
+                    "which split",
+                    {"required": True, "choices": ["train", "test"]},
+                ),
+                Option(
+                    ("--data-root", "--root"),
+                    "param:data_root",
+                    "directory holding the dataset's images",
+                    {"required": True},
+                ),
+                _out(),
+                Option(("--layout",), "param:layout", "override the dataset config's layout"),
+                Option(
+                    ("--download",),
+                    "param:download",
+                    "let torchvision download the dataset into --data-root first (needs network)",
+                    {"action": "store_true"},
+                ),
+                *MODEL_OPTIONS,
+            ),
+            _embedded,
+        ),
+        Stage(
+            "embed-text",
+            "stage 3: embed every class prompt (templates and descriptions)",
+            "pipeline.app.stages:run_embed_text",
+            "embed",
+            (DATASET, _out(), *MODEL_OPTIONS),
+            _embedded,
+        ),
+        Stage(
+            "clip-filter",
+            "stage 4: CLIP-score filter (writes a decision only)",
+            "pipeline.app.stages:run_clip_filter",
+            "select",
+            (
+                Option(
+                    ("--pool",),
+                    "input:pool",
+                    "pool embeddings (or a decision to start from)",
+                    {"required": True},
+                ),
+                Option(
+                    ("--text",),
+                    "input:text",
+                    "class prompt embeddings (primer embed-text)",
+                    {"required": True},
+                ),
+                _out("decision directory URL"),
+                Option(
+                    ("--min-prob",),
+                    "select.min_prob",
+                    "minimum softmax probability of the caption label",
+                    {"type": float},
+                ),
+                Option(
+                    ("--require-agreement",),
+                    "select.require_agreement",
+                    "keep only images whose zero-shot prediction is their caption label",
+                    {"action": "store_true"},
+                ),
+                Option(
+                    ("--no-require-agreement",),
+                    "select.require_agreement",
+                    "keep images whatever their zero-shot prediction",
+                    {"action": "store_false"},
+                ),
+            ),
+            lambda s, c: f"kept {s['kept']} of {s['pool']} -> {c.out}",
+            description="Keep a pool image when softmax(100 f.T)[caption label] >= min_prob and, "
+            "with require_agreement, when its zero-shot prediction is its caption label. Writes a "
+            "decision directory (decision.parquet, meta.json, stats.json, _SUCCESS).",
+        ),
+        Stage(
+            "transductive",
+            "stage 4: transductive kNN filter (writes a decision only)",
+            "pipeline.app.stages:run_transductive",
+            "select",
+            (
+                Option(
+                    ("--pool",),
+                    "input:pool",
+                    "pool embeddings, or a decision (e.g. the CLIP filter's) to start from",
+                    {"required": True},
+                ),
+                Option(
+                    ("--queries",),
+                    "input:queries",
+                    "target-task embeddings (usually the test split)",
+                    {"required": True},
+                ),
+                Option(
+                    ("--text",),
+                    "input:text",
+                    "class prompt embeddings (needed by mode per_class; names classes in stats)",
+                ),
+                _out("decision directory URL"),
+                Option(("--k",), "select.k", "neighbours per query", {"type": int}),
+                Option(
+                    ("--mode",),
+                    "select.mode",
+                    "global | kshot (the query's true label) | per_class (its predicted class)",
+                    {"choices": ["global", "kshot", "per_class"]},
+                ),
+                Option(
+                    ("--kshot",),
+                    "select.mode",
+                    "same as --mode kshot",
+                    {"action": "store_const", "const": "kshot"},
+                ),
+                Option(
+                    ("--per-class",),
+                    "select.mode",
+                    "same as --mode per_class",
+                    {"action": "store_const", "const": "per_class"},
+                ),
+            ),
+            lambda s, c: f"kept {s['kept']} of {s['pool']} -> {c.out}",
+            description="Keep the union of every query image's k nearest pool images (cosine, "
+            "FAISS: exact up to select.exact_max_pool pool vectors, IVF above).",
+        ),
+        Stage(
+            "materialise",
+            "stage 5: write the kept images as webdataset shards or an ImageFolder",
+            "pipeline.app.stages:run_materialise",
+            "materialise",
+            (
+                Option(
+                    ("--decision",),
+                    "input:decision",
+                    "a decision directory, or pool embeddings to keep everything",
+                    {"required": True},
+                ),
+                Option(
+                    ("--shards",),
+                    "input:shards",
+                    "the download stage's webdataset shards",
+                    {"required": True},
+                ),
+                _out(),
+                Option(
+                    ("--format",),
+                    "materialise.format",
+                    "webdataset or imagefolder",
+                    {"choices": ["webdataset", "imagefolder"]},
+                ),
+            ),
+            lambda s, c: f"{s['written']} images -> {c.out}",
+        ),
+        Stage(
+            "evaluate",
+            "stage 6: accuracy table of zero-shot, CuPL, priming and few-shot heads",
+            "pipeline.app.stages:run_evaluate",
+            "evaluate",
+            (
+                DATASET,
+                Option(
+                    ("--task-train",),
+                    "input:train",
+                    "train-split embeddings (shots come from here)",
+                    {"required": True},
+                ),
+                Option(
+                    ("--task-test",),
+                    "input:test",
+                    "test-split embeddings",
+                    {"required": True},
+                ),
+                Option(
+                    ("--text",),
+                    "input:text",
+                    "class prompt embeddings (embed-text)",
+                    {"required": True},
+                ),
+                Option(
+                    ("--priming",),
+                    "input:priming",
+                    "priming embeddings, or a decision (its kept pool rows)",
+                ),
+                _out(),
+                Option(("--shots",), "evaluate.shots", "comma list of shots per class"),
+                Option(("--seeds",), "evaluate.seeds", "shot draws per shot count", {"type": int}),
+                Option(
+                    ("--alpha",), "evaluate.alpha", "weight of the text head in [0, 1], or auto"
+                ),
+                Option(
+                    ("--head",),
+                    "evaluate.head",
+                    "centroid or tip-adapter",
+                    {"choices": ["centroid", "tip-adapter"]},
+                ),
+            ),
+            _evaluated,
+        ),
+        Stage(
+            "report",
+            "write a static HTML report of a run directory",
+            "pipeline.app.stages:run_report",
+            None,
+            (
+                Option(
+                    ("run_dir",),
+                    "param:run_dir",
+                    "a run directory written by primer subset (any fsspec URL)",
+                ),
+                Option(
+                    ("--out",),
+                    "param:out",
+                    "where to write the HTML (default <run_dir>/report/index.html)",
+                ),
+                Option(
+                    ("--per-class",), "param:per_class", "images shown per class", {"type": int}
+                ),
+            ),
+            lambda s, c: s["report"],
+            description="Per class: retrieved images with captions, match terms, scores and "
+            "kept/dropped reasons; counts through the stages; the accuracy table.",
+        ),
+    )
+}
