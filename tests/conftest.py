@@ -126,3 +126,23 @@ def tiny_model_name():
     open_clip = import_open_clip()
     open_clip.add_model_config(os.path.join(_REPO, "conf", "models"))
     return "primer-tiny-vit"
+
+
+# The demo run the whole-pipeline tests share: small, but every stage has work.
+DEMO_ROWS = 700
+
+
+@pytest.fixture(scope="session")
+def port():
+    """A free loopback port for a demo's image server (part of every demo URL and uid)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, port, spark):
+    """A finished `primer demo` run directory (one per test worker)."""
+    from pipeline.demo.run import run_demo
+
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    assert run_demo(out, port=port, rows=DEMO_ROWS) == 0
+    return out

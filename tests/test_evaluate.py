@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_classify import clusters, unit
 
 from pipeline.app.cli import main
 from pipeline.app.registry import resolve
@@ -15,6 +14,7 @@ from pipeline.core import embeddings as E
 from pipeline.core import io
 from pipeline.core.config import ConfigError
 from pipeline.evaluate.stage import EvaluateConfig, Task, evaluate_task, render_table
+from tests.test_classify import clusters, unit
 
 
 def synthetic_task(seed=0, cupl=False):

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +18,9 @@ from pipeline.app.registry import resolve
 from pipeline.app.subset import STAGE_OUT, STEP_NAMES, SourceError, run_subset
 from pipeline.core import io
 from pipeline.demo.run import demo_config, run_demo
+from tests.conftest import DEMO_ROWS as ROWS
 
 STAGES = STEP_NAMES
-
-ROWS = 700
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def port():
-    return _free_port()
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, port, spark):
-    out = str(tmp_path_factory.mktemp("demo") / "run")
-    assert run_demo(out, port=port, rows=ROWS) == 0
-    return out
 
 
 def _demo_config(run):

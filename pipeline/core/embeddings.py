@@ -151,6 +151,12 @@ def load(url: str, require_complete: bool = True) -> tuple[np.ndarray, np.ndarra
         mask = np.isin(uids, kept)
         return uids[mask], labels[mask], feats[mask]
     table, feats = load_table(url, require_complete)
+    if "kind" in table.column_names and io.exists(io.join(url, META)):
+        if read_meta(url).get("kind") == "text":
+            raise io.InputError(
+                f"{url} holds class prompt embeddings (primer embed-text), not images: give "
+                "the images' embeddings (primer embed-pool or embed-task output) here"
+            )
     uids = np.asarray(table.column("uid").to_pylist(), dtype=object)
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return uids, labels, feats

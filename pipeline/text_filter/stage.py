@@ -198,6 +198,7 @@ def run_text_filter(
     are unchanged (and rescans everything otherwise).
     """
     spec = load_dataset(dataset, descriptions=False)
+    check_metadata(metadata)
     fp = fingerprint.make(
         "filter",
         OUTPUT_FORMAT,
@@ -268,6 +269,27 @@ def _stats(
             ),
         },
     }
+
+
+def check_metadata(metadata: str) -> None:
+    """Refuse metadata that is not parquet, naming the fix (the filter reads parquet only)."""
+    if metadata.lower().rstrip("/").endswith((".csv", ".tsv", ".json", ".jsonl", ".txt")):
+        raise io.InputError(
+            f"metadata {metadata!r} is not parquet: the text filter reads parquet files (convert "
+            "with pyarrow: pyarrow.parquet.write_table(pyarrow.csv.read_csv(path), out))"
+        )
+    try:
+        io.list_files(metadata, suffixes=(".parquet",))
+    except FileNotFoundError:
+        try:
+            others = io.list_files(metadata)
+        except FileNotFoundError:
+            others = []
+        what = f" (found {len(others)} other files, e.g. {others[0]!r})" if others else ""
+        raise io.InputError(
+            f"no parquet files at {metadata!r}{what}; give LAION parquet files: a file, a "
+            "directory, a glob or a URL (s3://, hf://, ...)"
+        ) from None
 
 
 def _in_task(options: dict, fn, *args):
