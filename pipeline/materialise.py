@@ -174,8 +174,7 @@ def run_materialise(
     as ``missing_from_shards``. Skips a complete ``out`` unless ``overwrite``. Raises
     :class:`pipeline.core.io.InputError` for a bad format, decision or shard location.
     """
-    from tqdm import tqdm
-
+    from pipeline.core.progress import progress
     from pipeline.embed.shards import iter_tar_samples
 
     if fmt not in FORMATS:
@@ -204,7 +203,7 @@ def run_materialise(
     seen: set[str] = set()
     writer = _ShardWriter(out, samples_per_shard) if fmt == "webdataset" else None
     try:
-        for tar_url in tqdm(tars, desc="materialise", unit="shard", disable=None):
+        for tar_url in progress(tars, desc="materialise", unit="shard"):
             for _key, sample in iter_tar_samples(tar_url):
                 try:
                     meta = json.loads(sample.get("json", b"{}"))

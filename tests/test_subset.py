@@ -226,6 +226,65 @@ def test_notebook_executes_on_demo_output(demo_run, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+def test_notebook_opened_from_notebooks_finds_the_demo(demo_run, tmp_path):
+    """Jupyter started in notebooks/ (its working directory) finds ../data/demo."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "data").mkdir()
+    os.symlink(demo_run, tmp_path / "data" / "demo")
+    (tmp_path / "notebooks").mkdir()
+    nb = nbformat.read(os.path.join(repo, "notebooks", "inspect_subset.ipynb"), as_version=4)
+    env_before = os.environ.pop("PRIMER_RUN_DIR", None)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3",
+            resources={"metadata": {"path": str(tmp_path / "notebooks")}},
+        ).execute()  # fmt: skip
+    finally:
+        if env_before is not None:
+            os.environ["PRIMER_RUN_DIR"] = env_before
+    printed = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "10 classes in ../data/demo" in printed
+
+
+def test_report_of_a_directory_without_outputs_is_a_clear_error(tmp_path, caplog):
+    from pipeline.app.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no stage output" in caplog.text and "primer subset" in caplog.text
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_report_opens_only_the_shards_it_shows(demo_run, tmp_path, monkeypatch):
+    """The report reads images from the shards the download manifest names for them."""
+    from pipeline.report import page
+
+    opened = []
+    real = page.io.url_to_fs
+
+    def spy(url, **kw):
+        if url.endswith(".tar"):
+            opened.append(os.path.basename(url))
+        return real(url, **kw)
+
+    monkeypatch.setattr(page.io, "url_to_fs", spy)
+    summary = page.collect_run(demo_run, per_class=1)
+    manifest = io.read_parquet(os.path.join(demo_run, "shards", "manifest.parquet")).to_pylist()
+    shard_of = {r["uid"]: r["shard"] for r in manifest}
+    shown = {e.uid for exs in summary.examples.values() for e in exs if e.image}
+    assert shown and set(opened) == {f"{shard_of[u]}.tar" for u in shown}
+    # One image: only its shard is opened.
+    uid = sorted(shown)[0]
+    opened.clear()
+    got = page._images_for(os.path.join(demo_run, "shards"), {uid}, {shard_of[uid]})
+    assert set(got) == {uid} and opened == [f"{shard_of[uid]}.tar"]
+
+
 def test_report_lists_every_class(demo_run):
     from pipeline.demo.imageserver import FASHION_CLASSES
 

@@ -1177,6 +1177,7 @@ def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
             bars.append(self)
 
     monkeypatch.setattr(tqdm, "tqdm", Shown)
+    monkeypatch.setenv("PRIMER_PROGRESS", "bar")  # as on a terminal
     files = _three_files(tmp_path)
     run_text_filter(
         TextFilterConfig(task_rows=0),
@@ -1186,6 +1187,25 @@ def test_filter_shows_the_scan_progress(tmp_path, dataset_yaml, monkeypatch):
     )
     scan = [b for b in bars if b.desc == "scan"]
     assert len(scan) == 1 and scan[0].n == scan[0].total == 3  # a task per file
+
+
+def test_filter_logs_its_progress_off_a_terminal(tmp_path, dataset_yaml, monkeypatch, caplog):
+    """Under spark-submit, nohup or in a pod, a long scan logs done/total, rate and ETA."""
+    import logging
+
+    monkeypatch.setenv("PRIMER_PROGRESS", "log")
+    monkeypatch.setenv("PRIMER_PROGRESS_INTERVAL", "0")
+    files = _three_files(tmp_path)
+    with caplog.at_level(logging.INFO, logger="primer.progress"):
+        run_text_filter(
+            TextFilterConfig(task_rows=0),
+            dataset_yaml,
+            os.path.dirname(files[0][1]),
+            str(tmp_path / "o"),
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "primer.progress"]
+    assert any(ln.startswith("scan: 3/3 task (") and "task/s" in ln for ln in lines), lines
+    assert any(ln.startswith("check footers: 3/3") for ln in lines)
 
 
 def test_global_buckets_fit_the_memory_budget():

@@ -14,6 +14,7 @@ checked against its dataclass before anything runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -233,7 +234,8 @@ def run_call(call: Call) -> dict:
             except (FileNotFoundError, NotADirectoryError):
                 left = []
             if set(left) <= {fingerprint.FILE}:
-                io.remove(call.out)
+                with contextlib.suppress(OSError):  # another rank may be removing it too
+                    io.remove(call.out)
         raise
 
 

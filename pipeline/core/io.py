@@ -383,25 +383,45 @@ class RunLock:
 
     Local directories use ``fcntl.flock`` on ``<dir>/_LOCK``: the kernel releases it when the
     holder exits, even on SIGKILL, so a crashed run never blocks the next one. Object stores
-    have no locks; there ``_LOCK`` holds the owner and a heartbeat time, and a lock older than
-    ``stale_after_s`` is taken over (a crashed cluster run blocks for at most that long).
-    Raises :class:`LockedError` with the holder's host and pid.
+    have no locks: there ``_LOCK`` holds the owner, a token and a heartbeat time that a thread
+    of the holder renews every ``heartbeat_s``, so a live run is never taken over however long
+    it runs; a lock whose heartbeat is older than ``stale_after_s`` (its holder died) is taken
+    over, and the taker reads the lock back to make sure its own write won. A holder releases
+    only a lock that still holds its token. Raises :class:`LockedError` naming the holder.
     """
 
-    def __init__(self, url: str, stale_after_s: float = 6 * 3600, **storage_options: Any):
+    def __init__(
+        self,
+        url: str,
+        stale_after_s: float = 600.0,
+        heartbeat_s: float = 60.0,
+        **storage_options: Any,
+    ):
         self.url = url
         self.lock_url = join(url, "_LOCK")
         self.stale_after_s = stale_after_s
+        self.heartbeat_s = min(heartbeat_s, stale_after_s / 3)
         self.storage_options = storage_options
+        self.token = uuid.uuid4().hex
         self._fh: IO | None = None
+        self._beat: Any = None
+        self._stop: Any = None
 
     def _owner(self) -> dict:
         import socket
         import time
 
-        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                "token": self.token}  # fmt: skip
+
+    def _holder(self) -> dict:
+        try:
+            return read_json(self.lock_url, **self.storage_options)
+        except (FileNotFoundError, ValueError):
+            return {}
 
     def acquire(self) -> RunLock:
+        import threading
         import time
 
         makedirs(self.url, **self.storage_options)
@@ -425,20 +445,35 @@ class RunLock:
             fh.flush()
             self._fh = fh
             return self
-        if exists(self.lock_url, **self.storage_options):
-            try:
-                holder = read_json(self.lock_url, **self.storage_options)
-            except ValueError:
-                holder = {}
+        holder = self._holder()
+        if holder:
             age = time.time() - float(holder.get("time", 0))
             if age < self.stale_after_s:
                 raise LockedError(
-                    f"{self.url} is in use by another run ({holder}, {age:.0f} s ago); wait, or delete "
-                    f"{self.lock_url} if that run is dead"
+                    f"{self.url} is in use by another run ({holder}, heartbeat {age:.0f} s ago); "
+                    f"wait, or delete {self.lock_url} if that run is dead"
                 )
             log.warning("taking over a stale lock on %s (%s)", self.url, holder)
         write_json(self.lock_url, self._owner(), **self.storage_options)
+        # Two runs taking a free or stale lock at once: the later write wins, and the other
+        # sees it here (a read after a write is consistent on S3).
+        time.sleep(min(1.0, self.heartbeat_s / 4))
+        if self._holder().get("token") != self.token:
+            raise LockedError(f"{self.url} was taken by another run at the same moment")
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="primer-lock", daemon=True)
+        self._beat.start()
         return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if self._holder().get("token") != self.token:
+                    log.error("the lock on %s was taken over by another run", self.url)
+                    return
+                write_json(self.lock_url, self._owner(), **self.storage_options)
+            except Exception as e:  # a failed renewal is retried at the next beat
+                log.warning("could not renew the lock on %s: %r", self.url, e)
 
     def release(self) -> None:
         if self._fh is not None:
@@ -447,8 +482,12 @@ class RunLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-        elif not is_local(self.url):
-            remove(self.lock_url, **self.storage_options)
+        elif self._beat is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
+            if self._holder().get("token") == self.token:  # never another run's lock
+                remove(self.lock_url, **self.storage_options)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

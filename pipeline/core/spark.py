@@ -66,18 +66,18 @@ class JobProgress:
     PySpark's own console bar is off (``spark.ui.showConsoleProgress``: it prints over the
     logs), so a long scan showed nothing until it ended. The block's jobs get a job group of
     their own; a daemon thread reads the driver's status tracker every ``interval`` seconds
-    and moves a tqdm bar (``unit`` per task, ``total`` tasks), which tqdm hides where stderr
-    is no terminal (and then no thread runs). ``bar``: any object with tqdm's ``update`` and
-    ``close`` (tests), else tqdm.
+    and moves a bar (``unit`` per task, ``total`` tasks): tqdm on a terminal, log lines at an
+    interval elsewhere (:mod:`pipeline.core.progress`). ``bar``: any object with tqdm's
+    ``update`` and ``close`` (tests).
     """
 
     def __init__(self, sc, desc: str, total: int, unit: str = "task", interval=0.5, bar=None):
         self.sc, self.total, self.interval = sc, total, interval
         self.group = f"primer-{desc.replace(' ', '-')}-{next(_progress_ids)}"
         if bar is None:
-            from tqdm import tqdm
+            from pipeline.core.progress import progress
 
-            bar = tqdm(total=total, desc=desc, unit=unit, disable=None)
+            bar = progress(total=total, desc=desc, unit=unit)
         self.bar = bar
         self.done = 0
         self._stop = threading.Event()

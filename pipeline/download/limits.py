@@ -248,7 +248,7 @@ def multiprocessing_distributor(
     """img2dataset's multiprocessing distributor on a preloaded forkserver, with a progress bar."""
     import multiprocessing
 
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     ctx = multiprocessing.get_context("forkserver")
     # Takes effect when this process starts its forkserver (once); later runs reuse it.
@@ -257,7 +257,7 @@ def multiprocessing_distributor(
 
         def run(gen):
             failed = []
-            for status, row in tqdm(
+            for status, row in progress(
                 pool.imap_unordered(downloader, gen),
                 total=total,
                 desc="shards",

@@ -112,6 +112,12 @@ def embed_shards(
     Raises:
         pipeline.core.io.InputError: no tars at ``shards_url``; model problems (:func:`load_model`).
     """
+    try:
+        tars = io.list_files(shards_url, suffixes=(".tar",))
+    except FileNotFoundError:
+        tars = []
+    if not tars:
+        raise io.InputError(f"no .tar shards under {shards_url!r} (run the download stage first)")
     fp = fingerprint.make(
         "embed-pool",
         OUTPUT_FORMAT,
@@ -120,12 +126,9 @@ def embed_shards(
     )
     if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     rank, world = rank_world(rank, world)
-    tars = io.list_files(shards_url, suffixes=(".tar",))
-    if not tars:
-        raise io.InputError(f"no .tar shards under {shards_url!r} (run the download stage first)")
     names = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
     mine = list(zip(names, tars))[rank::world]
     done = set(E.completed_shards(out))
@@ -152,7 +155,7 @@ def embed_shards(
         dataset = _unit_dataset(units, lm, cfg.batch_size)
         pending: dict[str, dict] = {}
         loader = _loader(dataset, workers, lm.device.startswith("cuda"))
-        with tqdm(total=len(todo), desc="embed shards", unit="shard", disable=None) as bar:
+        with progress(total=len(todo), desc="embed shards", unit="shard") as bar:
             t_wait = time.perf_counter()
             for unit, uids, labels, batch, errors, last in loader:
                 t_got = time.perf_counter()

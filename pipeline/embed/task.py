@@ -73,8 +73,7 @@ def embed_task(
         pipeline.core.io.InputError: missing or malformed layout; labels outside the dataset; a
             download that cannot reach the network; model problems.
     """
-    from tqdm import tqdm
-
+    from pipeline.core.progress import progress
     from pipeline.embed.tasks import images_identity, list_task_images, torchvision_download
 
     spec = load_dataset(dataset)
@@ -118,7 +117,7 @@ def embed_task(
         )
         uids, labels, paths, feats, errors = [], [], [], [], []
         desc = f"embed {split} {name}"
-        for idx, batch, bad in tqdm(loader, desc=desc, unit="batch", disable=None):
+        for idx, batch, bad in progress(loader, desc=desc, unit="batch"):
             errors.extend((chunk[i].rel, err) for i, err in bad)
             if batch is None:
                 continue

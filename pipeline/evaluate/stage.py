@@ -175,9 +175,9 @@ def _shot_draws(task: Task, cfg: EvaluateConfig) -> list[tuple[int, int, np.ndar
 
 
 def _progress(items, desc):
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
-    return tqdm(items, desc=desc, unit="draw", disable=None)
+    return progress(items, desc=desc, unit="draw")
 
 
 def evaluate_task(task: Task, cfg: EvaluateConfig, priming_name: str = "priming") -> list[dict]:

@@ -253,7 +253,7 @@ def search(
     ``info`` (when given) receives the index kind, IVF ``nlist``/``nprobe`` and, when nprobe
     was calibrated, the measured ``calibration_recall``.
     """
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     cfg = cfg or KnnConfig()
     info = info if info is not None else {}
@@ -289,7 +289,7 @@ def search(
             else "",
         )
     batches = range(0, len(q), cfg.query_batch)
-    for s in tqdm(batches, desc="knn", unit="batch", disable=None if len(batches) > 1 else True):
+    for s in progress(batches, desc="knn", unit="batch", disable=len(batches) <= 1):
         qb = q[s : s + cfg.query_batch]
         _, idx = index.search(qb, fetch)
         scores, idx = _rescore(qb, p, idx.astype(np.int64), kk)

@@ -338,9 +338,9 @@ def global_pass(
             "are read once per bucket",
             n, buckets, cfg.global_memory_mb,
         )  # fmt: skip
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
-    bar = tqdm(range(buckets), desc="global filters", unit="bucket", disable=buckets == 1 or None)
+    bar = progress(range(buckets), desc="global filters", unit="bucket", disable=buckets == 1)
     for b in bar:
         if buckets == 1:
             keys, _ = _read_keys(out, done, matched)

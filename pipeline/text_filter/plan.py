@@ -38,7 +38,7 @@ def check_inputs(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    from pipeline.core.progress import progress
 
     def footer(f: str) -> tuple[pa.Schema, int] | Exception:
         try:
@@ -51,9 +51,7 @@ def check_inputs(
             return e
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        footers = list(
-            tqdm(pool.map(footer, files), total=len(files), desc="check footers", disable=None)
-        )
+        footers = list(progress(pool.map(footer, files), total=len(files), desc="check footers"))
     good, bad, rows = [], {}, {}
     for f, got in zip(files, footers):
         if isinstance(got, Exception):

@@ -152,15 +152,14 @@ def global_filters(
 def write(s: Scanned, kept: np.ndarray, out: str, sc) -> int:
     """Place the final parts: a part that loses no row is linked or copied into place, the
     others are rewritten by Spark tasks from the kept row numbers. Returns the rows kept."""
-    from tqdm import tqdm
-
+    from pipeline.core.progress import progress
     from pipeline.core.spark import JobProgress
 
     rewrite = []
     options = io.configured()
     part_rows = dict(zip(s.done, s.matched))
     first = 0  # the mask runs over the parts' records in order: a part's slice marks its rows
-    for i, m in tqdm(list(zip(s.done, s.matched)), desc="place parts", unit="part", disable=None):
+    for i, m in progress(list(zip(s.done, s.matched)), desc="place parts", unit="part"):
         rows = np.flatnonzero(kept[first : first + m]).astype("<i8")
         first += m
         if len(rows) == m:

@@ -166,3 +166,21 @@ def test_a_wheel_installed_elsewhere_finds_its_configs(tmp_path):
         text=True,
     ).stdout.strip()
     assert where.startswith(str(target))
+
+
+def test_download_processes_follow_the_machine():
+    cfg = resolve()["download"]
+    assert cfg.processes == 0 and cfg.worker_processes() == (os.cpu_count() or 1)
+    assert resolve(None, ["download.processes=3"])["download"].worker_processes() == 3
+
+
+def test_the_docker_image_builds_from_a_small_context_on_any_architecture():
+    """What docker build would use (no Docker engine here): a .dockerignore keeping the venv,
+    data and git history out of the context, PyTorch's CPU wheels for the CPU image, and a
+    JAVA_HOME that is not tied to one architecture."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ignored = open(os.path.join(repo, ".dockerignore")).read().split()
+    assert {".venv", "data", ".git"} <= set(ignored)
+    dockerfile = open(os.path.join(repo, "docker", "Dockerfile")).read()
+    assert "amd64" not in dockerfile and "JAVA_HOME=/usr/lib/jvm/default-java" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile and "-e " not in dockerfile
