@@ -41,10 +41,12 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format pipeline jobs tests bench
 
 # ---------------------------------------------------------------- the pipeline
+# Empty settings fall back to the config (conf/, CONFIG=, SUBSET_ARGS='--set k=v'), the one
+# source of every default: `primer config` prints them.
 DATASET ?= StanfordCars
 LAION ?=
-MODEL ?= ViT-B-16
-PRETRAINED ?= laion2b_s34b_b88k
+MODEL ?=
+PRETRAINED ?=
 CHECKPOINT ?=
 DATA_ROOT ?=
 RUN_DIR ?=
@@ -58,7 +60,7 @@ demo: $(STAMP) ## run the whole pipeline offline on the bundled demo corpus (wri
 
 subset: $(STAMP) ## run every stage: make subset DATASET=StanfordCars LAION=s3://... DATA_ROOT=/datasets/cars [MODEL=.. PRETRAINED=..|CHECKPOINT=..]
 	$(PRIMER) subset --dataset $(DATASET) $(if $(LAION),--metadata '$(LAION)') $(if $(DATA_ROOT),--data-root '$(DATA_ROOT)') \
-		--model $(MODEL) $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)',--pretrained $(PRETRAINED)) \
+		$(if $(MODEL),--model '$(MODEL)') $(if $(PRETRAINED),--pretrained '$(PRETRAINED)') $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)') \
 		$(if $(RUN_DIR),--run-dir '$(RUN_DIR)') $(if $(CONFIG),--config $(CONFIG)) $(SUBSET_ARGS)
 
 report: $(STAMP) ## write the HTML report of a run directory: make report RUN_DIR=data/StanfordCars

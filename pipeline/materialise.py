@@ -12,7 +12,6 @@ same decision and shards give the same bytes.
 
 from __future__ import annotations
 
-import io as _io
 import json
 import logging
 import re
@@ -115,30 +114,31 @@ def read_choice(url: str) -> dict[str, Chosen]:
 
 
 class _ShardWriter:
-    """Webdataset shards ``{00000..}.tar`` under ``out``, each written atomically as a stream."""
+    """Webdataset shards ``{00000..}.tar`` under ``out``, each written by webdataset's
+    ``TarWriter`` into an atomic file (it appears whole or not at all)."""
 
     def __init__(self, out: str, per_shard: int):
         self.out, self.per_shard = out, per_shard
         self.shard, self.n = 0, 0
-        self._cm = None
+        self._staged: io.StagedFile | None = None
         self._fh: IO | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._tar = None
 
     def _open(self) -> None:
-        self._cm = io.atomic_open(io.join(self.out, f"{self.shard:05d}.tar"))
-        self._fh = self._cm.__enter__()
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        import webdataset
+
+        self._staged = io.StagedFile(io.join(self.out, f"{self.shard:05d}.tar"))
+        self._fh = self._staged.open()
+        # Fixed member metadata: the same decision and shards give the same bytes.
+        self._tar = webdataset.TarWriter(
+            self._fh, encoder=False, mtime=0, mode=0o644, format=tarfile.USTAR_FORMAT
+        )
 
     def add(self, uid: str, files: list[tuple[str, bytes]]) -> str:
         """Add one sample; returns its path ``<shard>.tar/<uid>.<first ext>``."""
         if self._tar is None:
             self._open()
-        for ext, data in files:
-            info = tarfile.TarInfo(f"{uid}.{ext}")
-            info.size = len(data)
-            info.mtime = 0  # same bytes for the same input
-            info.mode = 0o644
-            self._tar.addfile(info, _io.BytesIO(data))  # type: ignore[union-attr]
+        self._tar.write({"__key__": uid, **dict(files)})  # type: ignore[union-attr]
         path = f"{self.shard:05d}.tar/{uid}.{files[0][0]}"
         self.n += 1
         if self.n >= self.per_shard:
@@ -148,13 +148,16 @@ class _ShardWriter:
     def close(self, error: BaseException | None = None) -> None:
         if self._tar is None:
             return
-        self._tar.close()
-        cm, self._tar, self._fh, self._cm = self._cm, None, None, None
-        if error is None:
-            cm.__exit__(None, None, None)  # type: ignore[union-attr]
-            self.shard, self.n = self.shard + 1, 0
-        else:  # drop the partial shard
-            cm.__exit__(type(error), error, error.__traceback__)  # type: ignore[union-attr]
+        staged, tar, fh = self._staged, self._tar, self._fh
+        self._tar = self._fh = self._staged = None
+        try:
+            tar.close()  # closes the tar stream, not our file
+            fh.close()  # type: ignore[union-attr]
+            if error is None:
+                staged.commit()  # type: ignore[union-attr]
+                self.shard, self.n = self.shard + 1, 0
+        finally:
+            staged.discard()  # type: ignore[union-attr]  # a partial shard is dropped
 
 
 def run_materialise(
