@@ -166,6 +166,24 @@ def test_streamed_topk_in_small_chunks_is_exact():
     assert [set(r) for r in best[1].tolist()] == [set(r) for r in want.tolist()]
 
 
+def test_calibration_stops_at_a_recall_plateau():
+    from pipeline.select.knn import calibrate_nprobe
+
+    truth = np.arange(1000)[None, :]
+    recall = {1: 0.5, 2: 0.8, 4: 0.9, 8: 0.901, 16: 0.95, 32: 1.0}
+    seen = []
+
+    def found_at(nprobe):
+        seen.append(nprobe)
+        n = int(round(recall[nprobe] * 1000))
+        return np.where(np.arange(1000) < n, truth, -1)
+
+    assert calibrate_nprobe(found_at, truth, 32, 0.95) == (16, 0.95)
+    seen.clear()
+    assert calibrate_nprobe(found_at, truth, 32, 0.95, min_gain=0.002) == (8, 0.901)
+    assert seen == [1, 2, 4, 8]
+
+
 def test_group_hits_keeps_the_best_query_per_row_and_label():
     scores = np.array([[0.9, 0.5, -np.inf], [0.7, 0.9, 0.1]], np.float32)
     ids = np.array([[4, 2, -1], [2, 4, 8]])

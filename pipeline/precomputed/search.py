@@ -30,6 +30,9 @@ from pipeline.select.knn import (
 
 log = logging.getLogger(__name__)
 
+# Calibration stops where doubling nprobe gains less recall than this.
+PLATEAU_GAIN = 0.002
+
 # ---------------------------------------------------------------------- pure cores
 
 
@@ -305,12 +308,16 @@ def retrieve(
                 _set_nprobe(index, nprobe, bool(info.get("gpus")))
                 return search(index, folder, calib, kk, fetch, cfg)[1]
 
-            nprobe, rec = calibrate_nprobe(found_at, truth, info["nlist"], cfg.target_recall)
+            # PQ caps recall below what probing more lists can reach: stop at its plateau.
+            nprobe, rec = calibrate_nprobe(
+                found_at, truth, info["nlist"], cfg.target_recall, min_gain=PLATEAU_GAIN
+            )
             info["calibration_recall"] = round(rec, 4)
             if rec < cfg.target_recall:
                 log.warning(
-                    "knn-retrieve: recall@%d %.3f at nprobe = nlist is below the target %.3f "
-                    "(PQ's loss: raise rerank or pq_m)", kk, rec, cfg.target_recall,
+                    "knn-retrieve: recall@%d %.3f at nprobe %d is below the target %.3f and "
+                    "probing more lists no longer raises it (PQ's loss: raise rerank or pq_m)",
+                    kk, rec, nprobe, cfg.target_recall,
                 )  # fmt: skip
         _set_nprobe(index, nprobe, bool(info.get("gpus")))
         info["nprobe"] = int(nprobe)

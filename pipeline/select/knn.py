@@ -226,18 +226,25 @@ def calibration_sample(n_queries: int, cfg: KnnConfig) -> np.ndarray:
 
 
 def calibrate_nprobe(
-    found_at: Callable[[int], np.ndarray], truth: np.ndarray, nlist: int, target_recall: float
+    found_at: Callable[[int], np.ndarray],
+    truth: np.ndarray,
+    nlist: int,
+    target_recall: float,
+    min_gain: float = 0.0,
 ) -> tuple[int, float]:
     """The calibration rule: nprobe doubles from 1 (capped at ``nlist``) until the neighbours
     ``found_at(nprobe)`` returns for the sample reach ``target_recall`` against ``truth``
-    (exact neighbour ids, ``-1`` = none); returns ``(nprobe, recall)``."""
-    nprobe = 1
+    (exact neighbour ids, ``-1`` = none); returns ``(nprobe, recall)``.
+
+    ``min_gain`` > 0 also stops where a doubling gains less recall than that (a compressed
+    index's ceiling below the target: probing every list would only cost time)."""
+    nprobe, prev = 1, -1.0
     while True:
         rec = recall_at_k(found_at(nprobe), truth)
         log.debug("knn: nprobe %d recall %.4f", nprobe, rec)
-        if rec >= target_recall or nprobe >= nlist:
+        if rec >= target_recall or nprobe >= nlist or (prev >= 0 and rec - prev < min_gain):
             return nprobe, rec
-        nprobe = min(nprobe * 2, nlist)
+        nprobe, prev = min(nprobe * 2, nlist), rec
 
 
 def _rescore(
