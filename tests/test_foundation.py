@@ -95,15 +95,18 @@ def test_staged_file_on_s3_is_uploaded_on_commit(s3_bucket):
     assert not os.path.exists(never_opened._tmp)
 
 
-def test_markers_and_prepare_output(tmp_path):
+def test_markers_and_prepare(tmp_path):
+    from pipeline.core import fingerprint
+
     out = str(tmp_path / "stage")
-    assert io.prepare_output(out, overwrite=False) is True
+    fp = fingerprint.make("stage", 1, {"k": 1})
+    assert fingerprint.prepare(out, fp) is True
     io.write_json(io.join(out, "stats.json"), {"rows": 1})
     assert not io.is_done(out)
     io.mark_done(out, {"rows": 1})
     assert io.is_done(out)
-    assert io.prepare_output(out, overwrite=False) is False
-    assert io.prepare_output(out, overwrite=True) is True
+    assert fingerprint.prepare(out, fp) is False
+    assert fingerprint.prepare(out, fp, overwrite=True) is True
     assert not io.exists(io.join(out, "stats.json"))
 
 

@@ -99,6 +99,7 @@ SECTIONS: dict[str, str] = {
     "select": "pipeline.select.filters:SelectConfig",
     "materialise": "pipeline.materialise:MaterialiseConfig",
     "evaluate": "pipeline.evaluate.stage:EvaluateConfig",
+    "precomputed": "pipeline.precomputed.config:PrecomputedConfig",
 }
 
 

@@ -22,6 +22,14 @@ def _out(what: str = "output directory (any fsspec URL)") -> Option:
     return Option(("--out",), "out", what, {"required": True})
 
 
+# The embedding folder's options (import-embeddings, knn-retrieve).
+FOLDER_OPTIONS = (
+    Option(("--emb-glob",), "precomputed.emb_glob", "embedding files under the folder's root"),
+    Option(("--meta-glob",), "precomputed.meta_glob", "metadata files under the folder's root"),
+    Option(("--model",), "precomputed.model", "open_clip model that made the embeddings"),
+    Option(("--pretrained",), "precomputed.pretrained", "its pretrained tag (e.g. openai)"),
+)
+
 MODEL_OPTIONS = (
     Option(("--model",), "embed.model", "open_clip model name, hf-hub:org/repo or local-dir:PATH"),
     Option(("--pretrained",), "embed.pretrained", "open_clip pretrained tag, or none (untrained)"),
@@ -143,6 +151,32 @@ def run_report(call: Call) -> dict:
     return {"report": write_report(p["run_dir"], p.get("out"), p.get("per_class") or 12)}
 
 
+def run_import_embeddings(call: Call) -> dict:
+    from pipeline.precomputed.importer import run_import
+
+    i = call.inputs
+    return run_import(
+        call.cfg, i["source"], i["matches"], call.out, _spark_master(call), call.overwrite
+    )
+
+
+def run_knn_retrieve(call: Call) -> dict:
+    from pipeline.precomputed.retrieve import run_knn_retrieve as run
+
+    i, p = call.inputs, call.params
+    return run(
+        call.cfg, i["source"], i["queries"], call.out, i.get("folder"), p.get("dataset"),
+        call.overwrite,
+    )  # fmt: skip
+
+
+def run_export_embeddings(call: Call) -> dict:
+    from pipeline.precomputed.export import export_embeddings
+
+    i = call.inputs
+    return export_embeddings(call.cfg, i["src"], call.out, i.get("matches"), call.overwrite)
+
+
 def _embedded(stats: dict, call: Call) -> str:
     import json
 
@@ -197,6 +231,102 @@ STAGES: dict[str, Stage] = {
                 Option(("--threads",), "download.threads", "threads per process", {"type": int}),
             ),
             lambda s, c: f"{s['success']}/{s['total']} images downloaded -> {c.out}",
+        ),
+        Stage(
+            "import-embeddings",
+            "stage 1c: import the matched rows' precomputed embeddings (clip-retrieval folder)",
+            "pipeline.app.stages:run_import_embeddings",
+            "precomputed",
+            (
+                Option(
+                    ("--source",),
+                    "input:source",
+                    "root of the embedding folder (img_emb/ + metadata/; any fsspec URL)",
+                    {"required": True},
+                ),
+                Option(
+                    ("--matches",),
+                    "input:matches",
+                    "matches directory (filter, caption-filter or knn-retrieve output)",
+                    {"required": True},
+                ),
+                _out(),
+                *FOLDER_OPTIONS,
+                Option(
+                    ("--engine",),
+                    "precomputed.engine",
+                    "local (threads), spark (a task per file) or auto",
+                    {"choices": ["auto", "local", "spark"]},
+                ),
+                Option(("--master",), "spark.master", "Spark master when no session is active"),
+            ),
+            lambda s, c: (
+                f"{s['imported']} of {s['matches']} matches imported "
+                f"({s['missing']} missing) -> {c.out}"
+            ),
+        ),
+        Stage(
+            "knn-retrieve",
+            "stage 1c: the k nearest rows of an embedding folder per class prompt or task image",
+            "pipeline.app.stages:run_knn_retrieve",
+            "precomputed",
+            (
+                Option(
+                    ("--source",),
+                    "input:source",
+                    "embedding folder root, or a FAISS index file",
+                    {"required": True},
+                ),
+                Option(
+                    ("--queries",),
+                    "input:queries",
+                    "embed-text output (a query per class), or task embeddings (per image)",
+                    {"required": True},
+                ),
+                _out(),
+                Option(("--k",), "precomputed.k", "neighbours per query", {"type": int}),
+                Option(
+                    ("--folder",),
+                    "input:folder",
+                    "the folder a foreign index (no .json sidecar) indexes",
+                ),
+                Option(
+                    ("--dataset",),
+                    "param:dataset",
+                    "names the classes of image queries (bundled name or YAML)",
+                ),
+                *FOLDER_OPTIONS,
+            ),
+            lambda s, c: (
+                f"{s['candidates']} {s['source']} candidates for {s['queries']} queries -> {c.out}"
+            ),
+        ),
+        Stage(
+            "export-embeddings",
+            "stage 3b: write embeddings in the clip-retrieval layout (img_emb/ + metadata/)",
+            "pipeline.app.stages:run_export_embeddings",
+            "precomputed",
+            (
+                Option(
+                    ("--src",),
+                    "input:src",
+                    "an embedding directory (embed-pool, import-embeddings)",
+                    {"required": True},
+                ),
+                _out("output folder URL"),
+                Option(
+                    ("--matches",),
+                    "input:matches",
+                    "matches that give url and caption by uid, where the embeddings lack them",
+                ),
+                Option(
+                    ("--dtype",),
+                    "precomputed.export_dtype",
+                    "float16 or float32",
+                    {"choices": ["float16", "float32"]},
+                ),
+            ),
+            lambda s, c: f"{s['rows']} rows in {s['files']} files -> {c.out}",
         ),
         Stage(
             "embed-pool",

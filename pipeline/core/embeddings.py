@@ -103,6 +103,58 @@ def is_decision(url: str) -> bool:
     return io.exists(io.join(url, DECISION))
 
 
+def model_identity(meta: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(model name, weights)`` recorded in an embedding ``meta.json``; None where not recorded.
+
+    Weights are the pretrained tag, else ``sha256:<checkpoint hash>``, else ``untrained:<seed>``.
+    """
+    weights = None
+    if meta.get("pretrained"):
+        weights = str(meta["pretrained"])
+    elif meta.get("checkpoint_sha256"):
+        weights = f"sha256:{meta['checkpoint_sha256']}"
+    elif meta.get("untrained"):
+        weights = f"untrained:{meta.get('seed', 0)}"
+    return (str(meta["model"]) if meta.get("model") else None), weights
+
+
+def check_same_model(inputs: Mapping[str, str | Mapping[str, Any] | None]) -> None:
+    """Refuse to combine embeddings made by different models.
+
+    ``inputs`` maps a name for messages to an embedding or decision directory (a decision
+    stands for the pool it decided over), a ``meta.json`` dict, or None (skipped). Inputs that
+    record no model are not compared; weights are compared where both record them.
+
+    Raises :class:`pipeline.core.io.InputError` naming each input's model.
+    """
+    seen: dict[str, tuple[str | None, str | None]] = {}
+    for name, src in inputs.items():
+        if src is None:
+            continue
+        if isinstance(src, str):
+            if not io.exists(io.join(src, META)):
+                continue
+            meta = read_meta(src)
+            if "pool" in meta and is_decision(src):
+                pool = decision_pool(src)
+                if io.exists(io.join(pool, META)):
+                    meta = read_meta(pool)
+        else:
+            meta = src
+        ident = model_identity(meta)
+        if ident[0] is not None:
+            seen[name] = ident
+    models = {m for m, _ in seen.values()}
+    weights = {w for _, w in seen.values() if w is not None}
+    if len(models) > 1 or len(weights) > 1:
+        made = ", ".join(f"{n} by {m}" + (f" ({w})" if w else "") for n, (m, w) in seen.items())
+        raise io.InputError(
+            f"embeddings of different models are mixed: {made}. Similarities across models are "
+            "meaningless; embed every input with one model (--model/--pretrained), or import "
+            "precomputed embeddings with the --model that made them"
+        )
+
+
 def _load_shard(
     url: str, shard: str, columns: list[str] | None = None
 ) -> tuple[pa.Table, np.ndarray]:

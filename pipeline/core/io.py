@@ -318,25 +318,6 @@ def is_done(url: str, name: str = SUCCESS, **storage_options: Any) -> bool:
         return False
 
 
-def prepare_output(url: str, overwrite: bool, **storage_options: Any) -> bool:
-    """Decide what to do with an output directory before a stage writes to it.
-
-    Returns ``False`` when the output is complete and ``overwrite`` is off (the caller should
-    skip the stage). With ``overwrite``, removes the old output first. An incomplete output is
-    left in place so a stage can resume from its per-shard markers.
-    """
-    if is_done(url, **storage_options):
-        if not overwrite:
-            log.info(
-                "%s is complete (%s present); skipping. Pass --overwrite to redo it.", url, SUCCESS
-            )
-            return False
-        log.info("overwriting %s", url)
-        remove(url, **storage_options)
-    makedirs(url, **storage_options)
-    return True
-
-
 def make_uid(url: str | None, caption: str | None) -> str:
     """Stable 128-bit row id: BLAKE2b-128 over ``url``, a unit separator, and ``caption``.
 

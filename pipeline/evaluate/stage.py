@@ -354,6 +354,7 @@ def load_task(
     """
     spec = load_dataset(dataset)
     c = spec.num_classes
+    E.check_same_model({"train": train, "test": test, "text": text, "priming": priming})
     te = E.load_text(text)
     if te.num_classes != c:
         raise io.InputError(f"{text} has {te.num_classes} classes but {spec.name} has {c}")

@@ -300,6 +300,7 @@ def run_clip_filter(
     if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
+    E.check_same_model({"pool": pool, "text": text})
     root, uids, labels, feats = _pool(pool)
     te = E.load_text(text)
     heads = te.heads("template")
@@ -351,6 +352,7 @@ def run_transductive(
     if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, "stats.json"))
     t0 = time.perf_counter()
+    E.check_same_model({"pool": pool, "queries": queries, "text": text})
     root, uids, labels, feats = _pool(pool)
     _, q_labels, q_feats = E.load(queries)
     heads = E.load_text(text).heads("template") if cfg.mode == "per_class" else None

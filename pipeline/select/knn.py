@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,19 +208,43 @@ def _calibrate_nprobe(
 ) -> tuple[int, float]:
     """Smallest power-of-two nprobe (or ``nlist``) whose recall@k against exact search, on a
     seeded sample of the queries, reaches ``cfg.target_recall``; returns ``(nprobe, recall)``."""
-    rng = np.random.default_rng(cfg.seed)
-    m = min(len(q), cfg.calibration_queries)
-    sample = np.ascontiguousarray(q[np.sort(rng.choice(len(q), m, replace=False))])
+    sample = np.ascontiguousarray(q[calibration_sample(len(q), cfg)])
     truth = _exact_topk_ids(sample, pool, k)
-    nprobe = 1
-    while True:
+
+    def found_at(nprobe: int) -> np.ndarray:
         _set_nprobe(index, nprobe, on_gpu)
-        _, found = index.search(sample, k)
-        rec = recall_at_k(found, truth)
-        log.debug("knn: nprobe %d recall@%d %.4f", nprobe, k, rec)
-        if rec >= cfg.target_recall or nprobe >= nlist:
+        return index.search(sample, k)[1]
+
+    return calibrate_nprobe(found_at, truth, nlist, cfg.target_recall)
+
+
+def calibration_sample(n_queries: int, cfg: KnnConfig) -> np.ndarray:
+    """Sorted indices of the (seeded) queries nprobe is calibrated on."""
+    rng = np.random.default_rng(cfg.seed)
+    m = min(n_queries, cfg.calibration_queries)
+    return np.sort(rng.choice(n_queries, m, replace=False))
+
+
+def calibrate_nprobe(
+    found_at: Callable[[int], np.ndarray],
+    truth: np.ndarray,
+    nlist: int,
+    target_recall: float,
+    min_gain: float = 0.0,
+) -> tuple[int, float]:
+    """The calibration rule: nprobe doubles from 1 (capped at ``nlist``) until the neighbours
+    ``found_at(nprobe)`` returns for the sample reach ``target_recall`` against ``truth``
+    (exact neighbour ids, ``-1`` = none); returns ``(nprobe, recall)``.
+
+    ``min_gain`` > 0 also stops where a doubling gains less recall than that (a compressed
+    index's ceiling below the target: probing every list would only cost time)."""
+    nprobe, prev = 1, -1.0
+    while True:
+        rec = recall_at_k(found_at(nprobe), truth)
+        log.debug("knn: nprobe %d recall %.4f", nprobe, rec)
+        if rec >= target_recall or nprobe >= nlist or (prev >= 0 and rec - prev < min_gain):
             return nprobe, rec
-        nprobe = min(nprobe * 2, nlist)
+        nprobe, prev = min(nprobe * 2, nlist), rec
 
 
 def _rescore(

@@ -89,8 +89,13 @@ def filter_batch(
     cfg: TextFilterConfig,
     classes: list[str],
     stats: Counter,
+    source_file: str | None = None,
+    first_row: int = 0,
 ) -> pa.Table:
     """The pure core: one record batch in, its kept matches out (canonical columns).
+
+    Each match records where it came from: ``source_file`` (null when None) and
+    ``source_row``, its row in that file (``first_row`` is the batch's first row there).
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
     (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``ambiguous``, then for
@@ -98,7 +103,7 @@ def filter_batch(
     ``unsafe``, ``low_similarity``) and
     ``rows_matched``.
     """
-    return _filter_batch(batch, cols, matcher, cfg, classes, stats)[0]
+    return _filter_batch(batch, cols, matcher, cfg, classes, stats, source_file, first_row)[0]
 
 
 def _filter_batch(
@@ -108,6 +113,8 @@ def _filter_batch(
     cfg: TextFilterConfig,
     classes: list[str],
     stats: Counter,
+    source_file: str | None = None,
+    first_row: int = 0,
 ) -> tuple[pa.Table, np.ndarray]:
     """:func:`filter_batch`, and the 16 bytes of each kept row's uid (the scan's match keys
     take them as they are, instead of parsing the hex back)."""
@@ -212,6 +219,9 @@ def _filter_batch(
             "matched_term": pa.array([t.text for t in matcher.terms], pa.string()).take(
                 pa.array(terms)
             ),
+            # Where the row is: precomputed embeddings aligned with the file are read by row.
+            "source_file": pa.repeat(pa.scalar(source_file, pa.string()), len(rows)),
+            "source_row": pa.array(rows.astype(np.int64) + first_row, pa.int64()),
             **extra,
         }
     )
@@ -227,6 +237,8 @@ def _output_schema(cols: dict[str, str]) -> pa.Schema:
         pa.field("label", pa.int32()),
         pa.field("class_name", pa.string()),
         pa.field("matched_term", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("source_row", pa.int64()),
     ]
     fields += [pa.field(c, t) for c, t in OPTIONAL_TYPES.items() if c in cols]
     return pa.schema(fields)

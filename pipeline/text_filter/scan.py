@@ -39,7 +39,7 @@ def _write_part(table: pa.Table, f) -> None:
         table,
         f,
         compression="zstd",
-        use_dictionary=["label", "class_name", "matched_term"],
+        use_dictionary=["label", "class_name", "matched_term", "source_file"],
         # Min/max of URLs and captions prune nothing and cost a tenth of the write.
         write_statistics=[c for c in table.column_names if c not in ("url", "caption")],
     )
@@ -104,6 +104,12 @@ def scan_file(
         with _open_input(url) as fh:
             pf = pq.ParquetFile(fh)
             cols = resolve_columns(pf.schema_arrow, cfg.columns, url)
+            # The file row of the next batch: a piece starts after the row groups before it.
+            next_row = (
+                sum(pf.metadata.row_group(g).num_rows for g in range(row_groups[0]))
+                if row_groups
+                else 0
+            )
             batches = pf.iter_batches(
                 batch_size=cfg.batch_rows,
                 row_groups=None if row_groups is None else range(*row_groups),
@@ -119,7 +125,10 @@ def scan_file(
                     timings["read_s"] += time.perf_counter() - t
                 t = time.perf_counter()
                 try:
-                    table, digests = _filter_batch(batch, cols, matcher, cfg, classes, stats)
+                    table, digests = _filter_batch(
+                        batch, cols, matcher, cfg, classes, stats, url, next_row
+                    )
+                    next_row += batch.num_rows
                     tables.append(table)
                     uid_digests.append(digests)
                 except Exception as e:  # not a read error: never skipped as a bad file
