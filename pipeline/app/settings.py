@@ -45,6 +45,14 @@ class SubsetConfig:
     glob (needed by the text filter). ``data_root``: the target task's images, in the layout
     the dataset config names (needed by the task embeddings). ``run_dir`` defaults to
     ``<run.root>/<dataset>``. ``clip_filter`` / ``transductive``: run those filters.
+
+    Precomputed embeddings (LAION / clip-retrieval layout): ``embeddings`` is the folder's
+    root; selection then runs on the candidates' imported vectors before anything is
+    downloaded, and only the kept rows are downloaded, none at all when the run's model is the
+    folder's (``precomputed.model``) unless ``force_download``. ``candidates``: where
+    candidates come from: ``text`` (the text filter), ``knn-text`` (the folder's nearest rows
+    to each class prompt), ``knn-image`` (to each test image); the kNN sources need
+    ``embeddings``.
     """
 
     dataset: str = ""
@@ -53,3 +61,21 @@ class SubsetConfig:
     run_dir: str = ""
     clip_filter: bool = True
     transductive: bool = True
+    embeddings: str = ""
+    candidates: tuple[str, ...] = ("text",)
+    force_download: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        known = ("text", "knn-text", "knn-image")
+        unknown = [c for c in self.candidates if c not in known]
+        if unknown or not self.candidates:
+            problems.append(f"candidates must be some of {', '.join(known)}, not {unknown}")
+        if any(c.startswith("knn") for c in self.candidates) and not self.embeddings:
+            problems.append("kNN candidates need precomputed embeddings (subset.embeddings)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def select_first(self) -> bool:
+        """Whether selection runs on precomputed embeddings before the download."""
+        return bool(self.embeddings)

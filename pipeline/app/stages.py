@@ -177,6 +177,19 @@ def run_export_embeddings(call: Call) -> dict:
     return export_embeddings(call.cfg, i["src"], call.out, i.get("matches"), call.overwrite)
 
 
+def run_candidates(call: Call) -> dict:
+    from pipeline.precomputed.candidates import write_union
+
+    return write_union(call.inputs, call.out, call.overwrite)
+
+
+def run_kept_candidates(call: Call) -> dict:
+    from pipeline.precomputed.candidates import write_kept
+
+    i = call.inputs
+    return write_kept(i["candidates"], i["decision"], call.out, call.overwrite)
+
+
 def _embedded(stats: dict, call: Call) -> str:
     import json
 
@@ -327,6 +340,38 @@ STAGES: dict[str, Stage] = {
                 ),
             ),
             lambda s, c: f"{s['rows']} rows in {s['files']} files -> {c.out}",
+        ),
+        Stage(
+            "candidates",
+            "stage 1c: the union of candidate sources, one row per URL (source kept)",
+            "pipeline.app.stages:run_candidates",
+            None,
+            tuple(
+                Option((f"--{name}",), f"input:{name}", f"{name} candidates (a matches directory)")
+                for name in ("text", "knn-text", "knn-image")
+            )
+            + (_out(),),
+            lambda s, c: f"{s['urls']} candidate URLs -> {c.out}",
+        ),
+        Stage(
+            "kept-candidates",
+            "stage 4b: the candidates a decision kept (what is left to download)",
+            "pipeline.app.stages:run_kept_candidates",
+            None,
+            (
+                Option(("--candidates",), "input:candidates", "the candidates", {"required": True}),
+                Option(
+                    ("--decision",),
+                    "input:decision",
+                    "a decision over their imported embeddings",
+                    {"required": True},
+                ),
+                _out(),
+            ),
+            lambda s, c: (
+                f"{s['kept']} of {s['candidates']} kept ({s['downloads_avoided']} "
+                f"downloads avoided) -> {c.out}"
+            ),
         ),
         Stage(
             "embed-pool",

@@ -34,67 +34,149 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Run:
+    """A run's settings and what it decides at its start: whether selection runs on
+    precomputed embeddings first (``select_first``), whether their model is the run's
+    (``served``: their vectors then serve selection and evaluation as they are) and whether
+    the kept rows are downloaded."""
+
+    s: SubsetConfig
+    select_first: bool = False
+    served: bool = False
+    download: bool = True
+
+    @property
+    def folder_space(self) -> bool:
+        """Selection over another model's vectors: text and task embeddings of that model."""
+        return self.select_first and not self.served
+
+
+@dataclass(frozen=True)
 class Step:
     """A registry stage placed in a run directory: ``out`` relative to it; ``inputs`` name ->
-    the step whose output it reads (or a function of the subset settings giving that step, or
-    ``subset.<field>`` for a source of the run such as the metadata);
-    ``params`` fixed per-call parameters; ``enabled`` whether the run includes it."""
+    the step whose output it reads (or a function of the :class:`Run` giving that step, or
+    ``subset.<field>`` for a source of the run such as the metadata); ``params`` fixed per-call
+    parameters; ``enabled`` whether the run includes it; ``settings`` changes to the stage's
+    config section for this step (a function of the whole config)."""
 
     name: str
     stage: str
     out: str
-    inputs: dict[str, str | Callable[[SubsetConfig], str]] = field(default_factory=dict)
+    inputs: dict[str, str | Callable[[Run], str]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
-    enabled: Callable[[SubsetConfig], bool] = lambda s: True
+    enabled: Callable[[Run], bool] = lambda r: True
+    settings: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
-def priming_step(s: SubsetConfig) -> str:
+def folder_model(config: dict[str, Any]) -> dict[str, Any]:
+    """The embed settings of the precomputed folder's model (its text and task embeddings)."""
+    p = config["precomputed"]
+    return {"model": p.model, "pretrained": p.pretrained or "none", "checkpoint": ""}
+
+
+def served(config: dict[str, Any]) -> bool:
+    """Whether the precomputed folder's model is the run's (``precomputed.model`` and
+    ``pretrained`` equal ``embed``'s, no checkpoint)."""
+    e, p = config["embed"], config["precomputed"]
+    untrained = ("", "none")
+    same_weights = p.pretrained == e.pretrained or (
+        p.pretrained in untrained and e.pretrained in untrained
+    )
+    return bool(p.model) and p.model == e.model and same_weights and not e.checkpoint
+
+
+def priming_step(r: Run) -> str:
     """The last filter's decision (or the whole pool when both filters are off)."""
-    return "transductive" if s.transductive else "clip-filter" if s.clip_filter else "embed-pool"
+    if r.s.transductive:
+        return "transductive"
+    if r.s.clip_filter:
+        return "clip-filter"
+    return "import-embeddings" if r.select_first else "embed-pool"
+
+
+def _pool(r: Run) -> str:
+    return "import-embeddings" if r.select_first else "embed-pool"
+
+
+def _text(r: Run) -> str:
+    return "embed-text-folder" if r.folder_space else "embed-text"
+
+
+def _test(r: Run) -> str:
+    return "embed-task-test-folder" if r.folder_space else "embed-task-test"
+
+
+def _downloads(r: Run) -> bool:
+    return not r.select_first or r.download
 
 
 STEPS: tuple[Step, ...] = (
-    Step("filter", "filter", "matches", {"metadata": "subset.metadata"}),
-    Step("download", "download", "shards", {"matches": "filter"}),
-    Step("embed-pool", "embed-pool", "emb/pool", {"shards": "download"}),
+    Step("filter", "filter", "matches", {"metadata": "subset.metadata"},
+         enabled=lambda r: not r.select_first or "text" in r.s.candidates),
+    Step("download", "download", "shards",
+         {"matches": lambda r: "kept" if r.select_first else "filter"}, enabled=_downloads),
+    Step("embed-pool", "embed-pool", "emb/pool", {"shards": "download"}, enabled=_downloads),
     Step("embed-task-train", "embed-task", "emb/task-train", params={"split": "train"}),
     Step("embed-task-test", "embed-task", "emb/task-test", params={"split": "test"}),
     Step("embed-text", "embed-text", "emb/text"),
-    Step(
-        "clip-filter",
-        "clip-filter",
-        "decisions/clip",
-        {"pool": "embed-pool", "text": "embed-text"},
-        enabled=lambda s: s.clip_filter,
-    ),
-    Step(
-        "transductive",
-        "transductive",
-        "decisions/transductive",
-        {
-            "pool": lambda s: "clip-filter" if s.clip_filter else "embed-pool",
-            "queries": "embed-task-test",
-            "text": "embed-text",
-        },
-        enabled=lambda s: s.transductive,
-    ),
-    Step("materialise", "materialise", "subset", {"decision": priming_step, "shards": "download"}),
-    Step(
-        "evaluate",
-        "evaluate",
-        "eval",
-        {
-            "train": "embed-task-train",
-            "test": "embed-task-test",
-            "text": "embed-text",
-            "priming": priming_step,
-        },
-    ),
+    Step("embed-text-folder", "embed-text", "emb/text-folder",
+         enabled=lambda r: r.folder_space, settings=folder_model),
+    Step("embed-task-test-folder", "embed-task", "emb/task-test-folder",
+         params={"split": "test"}, enabled=lambda r: r.folder_space, settings=folder_model),
+    Step("knn-text", "knn-retrieve", "candidates/knn-text",
+         {"source": "subset.embeddings", "queries": _text},
+         enabled=lambda r: "knn-text" in r.s.candidates),
+    Step("knn-image", "knn-retrieve", "candidates/knn-image",
+         {"source": "subset.embeddings", "queries": _test},
+         enabled=lambda r: "knn-image" in r.s.candidates),
+    Step("candidates", "candidates", "candidates/all",
+         {"text": "filter", "knn-text": "knn-text", "knn-image": "knn-image"},
+         enabled=lambda r: r.select_first),
+    Step("import-embeddings", "import-embeddings", "emb/imported",
+         {"source": "subset.embeddings", "matches": "candidates"},
+         enabled=lambda r: r.select_first),
+    Step("clip-filter", "clip-filter", "decisions/clip", {"pool": _pool, "text": _text},
+         enabled=lambda r: r.s.clip_filter),
+    Step("transductive", "transductive", "decisions/transductive",
+         {"pool": lambda r: "clip-filter" if r.s.clip_filter else _pool(r),
+          "queries": _test, "text": _text},
+         enabled=lambda r: r.s.transductive),
+    Step("kept", "kept-candidates", "candidates/kept",
+         {"candidates": "candidates", "decision": priming_step},
+         enabled=lambda r: r.select_first and (r.s.clip_filter or r.s.transductive)),
+    Step("materialise", "materialise", "subset", {"decision": priming_step, "shards": "download"},
+         enabled=_downloads),
+    Step("evaluate", "evaluate", "eval",
+         {"train": "embed-task-train", "test": "embed-task-test", "text": "embed-text",
+          "priming": lambda r: "embed-pool" if r.folder_space else priming_step(r)}),
     Step("report", "report", "report"),
-)
+)  # fmt: skip
+STEP = {s.name: s for s in STEPS}
 STEP_NAMES = tuple(s.name for s in STEPS)
+# The order of a run from metadata alone: download what the text filter found, then select.
+TEXT_ORDER = (
+    "filter", "download", "embed-pool", "embed-task-train", "embed-task-test", "embed-text",
+    "clip-filter", "transductive", "materialise", "evaluate", "report",
+)  # fmt: skip
+# The order of a run that selects on precomputed embeddings before downloading.
+SELECT_FIRST_ORDER = (
+    "filter", "embed-task-train", "embed-task-test", "embed-text", "embed-text-folder",
+    "embed-task-test-folder", "knn-text", "knn-image", "candidates", "import-embeddings",
+    "clip-filter", "transductive", "kept", "download", "embed-pool", "materialise", "evaluate",
+    "report",
+)  # fmt: skip
 # Where each step writes, relative to the run directory (the report reads it too).
 STAGE_OUT = {s.name: s.out for s in STEPS}
+
+
+def plan(config: dict[str, Any]) -> tuple[Run, list[Step]]:
+    """The :class:`Run` of a config, and its steps in order."""
+    s = config["subset"]
+    if not s.select_first():
+        return Run(s), [STEP[n] for n in TEXT_ORDER]
+    serve = served(config)
+    run = Run(s, True, serve, s.force_download or not serve)
+    return run, [STEP[n] for n in SELECT_FIRST_ORDER]
 
 
 @dataclass
@@ -125,31 +207,43 @@ def check_sources(config: dict[str, Any], steps: list[str]) -> None:
     """
     s, embed = config["subset"], config["embed"]
     spec = load_dataset(s.dataset)
+    metadata = metadata_of(config)
+    if any(x in steps for x in ("import-embeddings", "knn-text", "knn-image")):
+        if not config["precomputed"].model:
+            raise SourceError(
+                "precomputed embeddings need the model that made them: set precomputed.model "
+                "(e.g. ViT-L-14) and precomputed.pretrained (e.g. openai)"
+            )
+        if not io.exists(s.embeddings):
+            raise SourceError(
+                f"precomputed embeddings: {s.embeddings!r} does not exist (--embeddings, "
+                "subset.embeddings: the root holding img_emb/ and metadata/)"
+            )
     if "filter" in steps:
-        if not s.metadata:
+        if not metadata:
             raise SourceError(
                 "LAION metadata is required: the parquet URL, directory or glob (LAION=... or "
                 "--metadata)"
             )
-        if s.metadata.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
+        if metadata.lower().endswith((".csv", ".tsv", ".json", ".jsonl")):
             raise SourceError(
-                f"LAION metadata {s.metadata!r} is not parquet: the text filter reads parquet "
+                f"LAION metadata {metadata!r} is not parquet: the text filter reads parquet "
                 "(convert with pyarrow: pyarrow.csv.read_csv(...) then pyarrow.parquet.write_table)"
             )
         try:
-            files = io.list_files(s.metadata, suffixes=(".parquet",))
+            files = io.list_files(metadata, suffixes=(".parquet",))
         except FileNotFoundError:
             raise SourceError(
-                f"LAION metadata: no parquet files at {s.metadata!r}. Point LAION=... (or "
+                f"LAION metadata: no parquet files at {metadata!r}. Point LAION=... (or "
                 "--metadata, subset.metadata) at a directory, glob or URL of LAION parquet files."
             ) from None
         except Exception as e:  # credentials, DNS, permissions: all say the same to the user
             raise SourceError(
-                f"LAION metadata at {s.metadata!r} is unreachable ({type(e).__name__}: {e}). "
+                f"LAION metadata at {metadata!r} is unreachable ({type(e).__name__}: {e}). "
                 "Check the URL, network access and credentials (AWS_* variables or "
                 "io.storage_options)."
             ) from None
-        log.info("metadata: %d parquet files at %s", len(files), s.metadata)
+        log.info("metadata: %d parquet files at %s", len(files), metadata)
     if any(x.startswith("embed-task") for x in steps):
         if not s.data_root or not io.exists(s.data_root):
             raise SourceError(
@@ -227,8 +321,10 @@ def parse_steps(values: list[str] | None) -> list[str]:
     return out
 
 
-def select_steps(from_step: str | None, to_step: str | None) -> list[str]:
-    names = list(STEP_NAMES)
+def select_steps(
+    from_step: str | None, to_step: str | None, order: list[str] | None = None
+) -> list[str]:
+    names = list(order or STEP_NAMES)
     for s in (from_step, to_step):
         if s and s not in names:
             raise ConfigError(f"unknown stage {s!r} (stages: {', '.join(names)})")
@@ -239,23 +335,42 @@ def select_steps(from_step: str | None, to_step: str | None) -> list[str]:
     return names[start : end + 1]
 
 
-def step_call(step: Step, config: dict[str, Any], run_dir: str, overwrite: bool) -> Call:
-    """The :class:`Call` of a step: its stage's config section, its inputs under ``run_dir``."""
-    s = config["subset"]
+def step_call(
+    step: Step, config: dict[str, Any], run_dir: str, overwrite: bool, run: Run | None = None
+) -> Call:
+    """The :class:`Call` of a step: its stage's config section, its inputs under ``run_dir``
+    (an input from a step the run leaves out is left out)."""
+    run = run or plan(config)[0]
+    s = run.s
     stage = STAGES[step.stage]
     inputs = {}
     for name, source in step.inputs.items():
-        src = source(s) if callable(source) else source
+        src = source(run) if callable(source) else source
         if src.startswith("subset."):  # a source of the run, not another step's output
-            inputs[name] = getattr(s, src[len("subset.") :])
-        else:
+            inputs[name] = (
+                metadata_of(config)
+                if src == "subset.metadata"
+                else getattr(s, src[len("subset.") :])
+            )
+        elif STEP[src].enabled(run):
             inputs[name] = io.join(run_dir, STAGE_OUT[src])
     params = {"dataset": s.dataset, "data_root": s.data_root, **step.params}
     if step.stage == "report":
         params = {"run_dir": run_dir}
     cfg = config[stage.section] if stage.section else None
+    if step.settings is not None:
+        cfg = replace(cfg, **step.settings(config))
     out = io.join(run_dir, step.out)
     return Call(stage, cfg, config, inputs, out, params, overwrite)
+
+
+def metadata_of(config: dict[str, Any]) -> str:
+    """``subset.metadata``; with precomputed embeddings and no metadata given, the folder's own
+    metadata files (so every match knows its row in the folder)."""
+    s = config["subset"]
+    if s.metadata or not s.select_first():
+        return s.metadata
+    return io.join(s.embeddings, config["precomputed"].meta_glob)
 
 
 def _state(out: str) -> tuple[bool, str | None]:
@@ -276,20 +391,20 @@ def run_subset(
     :class:`pipeline.core.io.LockedError` when another run holds the run directory, and the
     failing stage's error (its completed predecessors stay).
     """
-    s = config["subset"]
     run_dir = run_dir_of(config)
-    steps = select_steps(from_step, to_step)
+    run, order = plan(config)
+    steps = select_steps(from_step, to_step, [x.name for x in order])
     again = set(parse_steps(redo))
-    check_sources(config, [x for x in steps if _enabled(x, s)])
+    check_sources(config, [x.name for x in order if x.name in steps and x.enabled(run)])
     results: list[StageResult] = []
     with io.RunLock(run_dir):
         io.write_json(io.join(run_dir, "config.json"), as_dicts(config))
-        for step in STEPS:
+        for step in order:
             out = io.join(run_dir, step.out)
             if step.name not in steps:
                 results.append(StageResult(step.name, "not selected", out=out))
                 continue
-            if not step.enabled(s):
+            if not step.enabled(run):
                 results.append(StageResult(step.name, "disabled", out=out))
                 continue
             changed = any(r.status in ("ran", "redone") for r in results)
@@ -297,16 +412,14 @@ def run_subset(
                 if io.exists(io.join(out, "index.html")):  # nothing new to show
                     results.append(StageResult(step.name, "skipped", out=out))
                     continue
-            results.append(_run_step(step, config, run_dir, step.name in again))
+            results.append(_run_step(step, config, run_dir, step.name in again, run))
     return results
 
 
-def _enabled(name: str, s: SubsetConfig) -> bool:
-    return next(st for st in STEPS if st.name == name).enabled(s)
-
-
-def _run_step(step: Step, config: dict[str, Any], run_dir: str, redo: bool) -> StageResult:
-    call = step_call(step, config, run_dir, redo)
+def _run_step(
+    step: Step, config: dict[str, Any], run_dir: str, redo: bool, run: Run
+) -> StageResult:
+    call = step_call(step, config, run_dir, redo, run)
     before = _state(call.out)
     log.info("[%s] %s -> %s", step.name, step.stage, call.out)
     t0 = time.perf_counter()
@@ -344,8 +457,21 @@ def _headline(stats: dict) -> str:
         "rows_scanned", "rows_matched", "matched", "success", "succeeded", "failed", "rows",
         "embedded", "kept", "dropped", "written", "samples",
     )  # fmt: skip
+    keys += ("imported", "candidates", "downloads_avoided", "urls")
     parts = [f"{k}={stats[k]}" for k in keys if isinstance(stats.get(k), (int, float))]
     return ", ".join(parts[:4])
+
+
+def downloads_avoided(results: list[StageResult]) -> tuple[int, int] | None:
+    """``(downloads avoided, candidates)`` of a run that selected before downloading: every
+    candidate when nothing was downloaded, else those the selection dropped."""
+    by = {r.name: r for r in results}
+    kept = by.get("kept")
+    if kept is None or not kept.stats:
+        return None
+    downloaded = by.get("download")
+    fetched = kept.stats["kept"] if downloaded and downloaded.status != "disabled" else 0
+    return kept.stats["candidates"] - fetched, kept.stats["candidates"]
 
 
 def summary(results: list[StageResult], run_dir: str) -> str:
@@ -354,6 +480,10 @@ def summary(results: list[StageResult], run_dir: str) -> str:
     for r in results:
         t = f"{r.seconds:8.1f}s" if r.status in ("ran", "redone") else ""
         lines.append(f"{r.name:<18}{r.status:<14}{t:>9}  {_headline(r.stats)}")
+    avoided = downloads_avoided(results)
+    if avoided is not None:
+        lines += ["", f"Downloads avoided: {avoided[0]} of {avoided[1]} candidates (selected on "
+                  "precomputed embeddings before downloading)"]  # fmt: skip
     results_md = io.join(run_dir, STAGE_OUT["evaluate"], "results.md")
     if io.exists(results_md):
         lines += ["", io.read_bytes(results_md).decode("utf-8").strip()]
@@ -378,6 +508,8 @@ SUBSET_OPTIONS = (
     ("--checkpoint", "embed.checkpoint", "a local checkpoint (state dict) instead of a tag"),
     ("--device", "embed.device", "auto | cpu | cuda | cuda:N"),
     ("--master", "spark.master", "Spark master for the Spark stages (default local[*])"),
+    ("--embeddings", "subset.embeddings", "precomputed embeddings (img_emb/ + metadata/)"),
+    ("--candidates", "subset.candidates", "candidate sources: text, knn-text, knn-image"),
 )
 
 

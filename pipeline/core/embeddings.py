@@ -106,10 +106,11 @@ def is_decision(url: str) -> bool:
 def model_identity(meta: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """``(model name, weights)`` recorded in an embedding ``meta.json``; None where not recorded.
 
-    Weights are the pretrained tag, else ``sha256:<checkpoint hash>``, else ``untrained:<seed>``.
+    Weights are the pretrained tag, else ``sha256:<checkpoint hash>``, else ``untrained:<seed>``
+    (a tag ``none`` without a recorded seed records no weights).
     """
     weights = None
-    if meta.get("pretrained"):
+    if meta.get("pretrained") and str(meta["pretrained"]).lower() != "none":
         weights = str(meta["pretrained"])
     elif meta.get("checkpoint_sha256"):
         weights = f"sha256:{meta['checkpoint_sha256']}"
