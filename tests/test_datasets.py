@@ -78,6 +78,8 @@ SCHEMA_KEYS = [
     "synonyms",
     "descriptions",
     "imagenet_indices",
+    "names",
+    "exclude",
 ]
 
 
@@ -220,6 +222,11 @@ def test_user_yaml_by_path_loads_like_the_bundled_name(tmp_path):
     src = spec("StanfordCars")
     copy = tmp_path / "mycars.yaml"
     shutil.copy(src.path, copy)
+    # Its names file is found next to it, as descriptions are (a missing one is an error).
+    with pytest.raises(ConfigError, match="names file .* does not exist"):
+        load_dataset(str(copy))
+    (tmp_path / "names").mkdir()
+    shutil.copy(Path(src.path).parent / "names" / "StanfordCars.yaml", tmp_path / "names")
     mine = load_dataset(str(copy))
     assert mine.path == str(copy)
     assert dataclasses.replace(mine, path=src.path) == src
