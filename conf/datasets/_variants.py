@@ -222,7 +222,6 @@ def parse_car(name: str) -> dict:
 
 
 def cars(classes: list[str]) -> dict:
-    from pipeline.text_filter.terms import normalized
 
     parsed = {c: parse_car(c) for c in classes}
     names: dict[str, set[str]] = defaultdict(set)
@@ -398,7 +397,6 @@ AIRCRAFT_EXCLUDE = {"Boeing 737": ["Boeing 737 MAX"], "B737": ["B737 MAX"]}
 
 
 def aircraft(classes: list[str]) -> dict:
-    from pipeline.text_filter.terms import normalized
 
     names: dict[str, set[str]] = defaultdict(set)
     for c in classes:
