@@ -379,6 +379,10 @@ AIRCRAFT = {
     "Fokker 100": ["Fokker F100"],
     "Fokker 70": ["Fokker F70"],
     "Fokker 50": ["Fokker F50"],
+    "767-200": ["767-200ER", "Boeing 767-200ER"],
+    "767-300": ["767-300ER", "Boeing 767-300ER"],
+    "777-200": ["777-200ER", "777-200LR", "Boeing 777-200ER", "Boeing 777-200LR"],
+    "777-300": ["777-300ER", "Boeing 777-300ER"],
 }
 FAMILY_NAMES = {
     "737": ["Boeing 737", "B737"],
@@ -393,7 +397,14 @@ FAMILY_NAMES = {
     "CRJ": ["Bombardier CRJ", "Canadair Regional Jet", "Bombardier Regional Jet"],
 }
 AIRCRAFT_FAMILIES = {"Dassault Falcon": ["Falcon 2000", "Falcon 900"]}
-AIRCRAFT_EXCLUDE = {"Boeing 737": ["Boeing 737 MAX"], "B737": ["B737 MAX"]}
+# Variants the dataset lacks, named by a family's name and more.
+AIRCRAFT_EXCLUDE = {
+    "Boeing 737": ["Boeing 737 MAX"],
+    "B737": ["B737 MAX"],
+    "Boeing 747": ["Boeing 747-8"],
+    "Dash 8": ["Dash 8 Q400", "Dash 8-400"],
+    "DHC-8": ["DHC-8-400", "DHC-8 Q400"],
+}
 
 
 def aircraft(classes: list[str]) -> dict:
@@ -406,6 +417,8 @@ def aircraft(classes: list[str]) -> dict:
                 names[f"{mk} {c}"].add(c)
         for n in AIRCRAFT.get(c, []):
             names[n].add(c)
+        if re.match(r"^7\d7-", c):  # airline and spotter shorthand: B737-800
+            names[f"B{c}"].add(c)
         m = FAMILY.match(c)
         if m:
             fam = m.group(1)
