@@ -222,8 +222,6 @@ def _three_files(tmp_path):
     return list(enumerate(io.list_files(str(d), suffixes=(".parquet",))))
 
 
-
-
 def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatch):
     """scan_files commits a file (fsync/rename or upload, then its marker) on a background
     thread: the first file's commit can wait for the second file's scan to start."""

@@ -113,8 +113,7 @@ def resolve(
     if len(rows) == 0:
         return BatchMatches(label, term)
     own = term_owner[terms]
-    # By row, then position; the rest only makes ties deterministic across engines.
-    order = np.lexsort((terms, end, start, rows))
+    order = _position_order(rows, start, end, terms)
     rows, start, end, terms, own = (x[order] for x in (rows, start, end, terms, own))
     kind = owners.kind[own]
     first = _runs(rows)
@@ -158,6 +157,8 @@ def resolve(
         by_excl[j[inside & (kind[i] == EXCLUDED)]] = True
     alive = slow[~dropped[slow]]
     kp = alive[positive[alive]]
+    if owners.plain:
+        return _plain(label, term, rows, terms, own, kp, slow, positive, by_excl, owners)
     out_rows: list[np.ndarray] = []
     out_labels: list[np.ndarray] = []
     # Excluded: class hits, all cancelled by exclusions.
@@ -273,6 +274,60 @@ def resolve(
         entry_of_pair[e_pair[c]],
         e_m[c],
     )
+
+
+def _position_order(
+    rows: np.ndarray, start: np.ndarray, end: np.ndarray, terms: np.ndarray
+) -> np.ndarray:
+    """The order of hits by row, then start; ties (hits starting together) by end, then term,
+    so that every engine's hits come out alike. One stable sort of a packed key: the hits come
+    nearly in order already (a row at a time), which a stable sort finishes in linear time."""
+    if len(start) and int(start.max()) >= 1 << 32:  # a batch of over 4 GB: never, but exact
+        return np.lexsort((terms, end, start, rows))
+    key = (rows.astype(np.int64) << 32) | start.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    tie = k[1:] == k[:-1]
+    if tie.any():
+        tied = np.zeros(len(k), dtype=bool)
+        tied[1:] = tie
+        tied[:-1] |= tie
+        pos = np.flatnonzero(tied)
+        run = np.cumsum(np.r_[True, ~tie])[pos]
+        sub = order[pos]
+        order[pos] = sub[np.lexsort((terms[sub], end[sub], run))]
+    return order
+
+
+def _plain(label, term, rows, terms, own, kp, slow, positive, by_excl, owners) -> BatchMatches:
+    """The rest of :func:`resolve` for rules without families, kind words or years (most
+    datasets): each row's remaining class hits name one class, or it is ambiguous."""
+    out_rows, out_labels = [], []
+    swallowed = slow[positive[slow] & by_excl[slow]]
+    if len(swallowed):
+        has_kept = np.zeros(len(label), dtype=bool)
+        has_kept[rows[kp]] = True
+        sw = swallowed[~has_kept[rows[swallowed]]]
+        if len(sw):
+            label[rows[sw]] = EXCLUDED_ROW
+            out_rows.append(rows[sw])
+            out_labels.append(own[sw])
+    if not len(kp):
+        return _finish(label, term, out_rows, out_labels)
+    r, o, t = rows[kp], own[kp], terms[kp]
+    first = _runs(r)
+    ks = np.flatnonzero(first)
+    one = np.minimum.reduceat(o, ks) == np.maximum.reduceat(o, ks)
+    label[r[ks]] = np.where(one, o[ks], AMBIGUOUS)
+    term[r[ks]] = t[ks]  # the first by position (an ambiguous row's too)
+    amb = ~one[np.cumsum(first) - 1]
+    if not amb.any():
+        return _finish(label, term, out_rows, out_labels)
+    r, o, t = r[amb], o[amb], t[amb]
+    k = np.lexsort((o, r))  # stable: position order within (row, class)
+    r, o, t = r[k], o[k], t[k]
+    f = _runs(r, o)
+    return _finish(label, term, out_rows, out_labels, amb_row=r[f], amb_label=o[f], amb_term=t[f])
 
 
 def _members(rows: np.ndarray, own: np.ndarray, owners: Owners) -> tuple[np.ndarray, np.ndarray]:

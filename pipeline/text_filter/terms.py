@@ -123,6 +123,11 @@ class Owners:
     max_year_gap: int  # -1: no limit
     kinds: tuple[str, ...]  # kind names, by bit
 
+    @property
+    def plain(self) -> bool:
+        """No families, kind words or years: every class hit names one class."""
+        return not np.isin(self.kind, (FAMILY, KIND, YEAR)).any()
+
 
 def normalized(texts: Sequence[str]) -> list[tuple[str, ...]]:
     """The tokens of each text, normalised as captions are."""
