@@ -234,7 +234,7 @@ def reference(built: T.Built, caption: str | None) -> dict:
                 continue
             if o.target[own[i]] >= 0 and o.target[own[i]] != own[j]:
                 continue
-            if kind[j] in (T.KIND, T.YEAR) and kind[i] != T.KIND:
+            if kind[j] == T.KIND and kind[i] != T.KIND:
                 continue
             dropped[j] = True
             by_excl[j] |= kind[i] == T.EXCLUDED
@@ -255,7 +255,8 @@ def reference(built: T.Built, caption: str | None) -> dict:
     mask = 0
     for j in kinds:
         mask |= int(o.kind_mask[own[j]])
-    years = {int(o.year[own[j]]) for j in alive if kind[j] == T.YEAR}
+    years = {int(t) for t in toks if re.fullmatch("[0-9]{4}", t) and int(t) in T.YEARS}
+    years = years if o.class_year.any() else set()
     gap = o.max_year_gap if o.max_year_gap >= 0 else 10**9
 
     def kind_ok(m):

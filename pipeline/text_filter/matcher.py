@@ -335,7 +335,14 @@ class Matcher:
             ok = valid[brow]
             pid, start, rows = pid[ok], start[ok], row_of[brow[ok]]
             end = start + self._pattern_len[pid]
-        return resolve(n, rows, start, end, self._pattern_term[pid], self._term_owner, self.owners)
+        terms = self._pattern_term[pid]
+        years = None
+        if self.owners.class_year.any():
+            # Years only matter in captions that name a class: found there, not by the scan.
+            named = np.unique(rows[self.owners.kind[self._term_owner[terms]] <= _terms.FAMILY])
+            y_rows, y_vals = _terms.caption_years(_as_strings(captions).take(pa.array(named)))
+            years = (named[y_rows], y_vals)
+        return resolve(n, rows, start, end, terms, self._term_owner, self.owners, years)
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.text_filter.terms import CLASS, EXCLUDED, FAMILY, KIND, YEAR, Owners
+from pipeline.text_filter.terms import CLASS, EXCLUDED, FAMILY, KIND, Owners
 
 NONE, AMBIGUOUS, EXCLUDED_ROW, CONTRADICTED = -1, -2, -3, -4
 
@@ -90,6 +90,13 @@ def _runs(*keys: np.ndarray) -> np.ndarray:
     return first
 
 
+def _mask(n: int, idx: np.ndarray) -> np.ndarray:
+    """A bool array of ``n``, True at ``idx`` (a set test by indexing, not a sort)."""
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return m
+
+
 def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For items with ``counts`` entries each: (item of each entry, entry's index within it)."""
     item = np.repeat(np.arange(len(counts)), counts)
@@ -105,14 +112,24 @@ def resolve(
     terms: np.ndarray,
     term_owner: np.ndarray,
     owners: Owners,
+    years: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BatchMatches:
     """The outcome of ``n`` rows from their hits: row, start and end offset (comparable within
-    a row) and term index of each, in any order."""
+    a row) and term index of each, in any order; ``years``: ``(row, year)`` of the year tokens
+    of (at least) the rows with a class or family hit, where the rules have class years."""
     label = np.full(n, NONE, dtype=np.int64)
     term = np.full(n, -1, dtype=np.int64)
     if len(rows) == 0:
         return BatchMatches(label, term)
     own = term_owner[terms]
+    y_rows, y_vals = years if years is not None else (_empty(), _empty())
+    if not owners.plain:
+        # Kind words are everywhere ("truck"); only rows naming a class or family need them.
+        keep = _mask(n, rows[owners.kind[own] <= FAMILY])[rows]
+        if not keep.all():
+            rows, start, end, terms, own = (x[keep] for x in (rows, start, end, terms, own))
+            if not len(rows):
+                return BatchMatches(label, term)
     order = _position_order(rows, start, end, terms)
     rows, start, end, terms, own = (x[order] for x in (rows, start, end, terms, own))
     kind = owners.kind[own]
@@ -122,6 +139,10 @@ def resolve(
     gkind = kind[gstart]
     # Rows whose hits all belong to one class: the common case, resolved at once.
     one = single & (gkind == CLASS)
+    if len(y_rows):
+        has_year = np.zeros(n, dtype=bool)
+        has_year[y_rows] = True
+        one &= ~has_year[rows[gstart]]
     label[rows[gstart[one]]] = own[gstart[one]]
     term[rows[gstart[one]]] = terms[gstart[one]]
     positive = (kind == CLASS) | (kind == FAMILY)
@@ -141,10 +162,9 @@ def resolve(
         j = np.repeat(multi, k)
         i = gstart[group[j]] + _expand(k)[1]
         tgt = owners.target[own[i]]
-        # A kind word or year inside a class's own name still describes the caption (the
-        # "coupe" of "Audi S5 Coupe 2012"); only a longer kind word hides one ("van" in
-        # "cargo van").
-        attr = (kind[j] == KIND) | (kind[j] == YEAR)
+        # A kind word inside a class's own name still describes the caption (the "coupe" of
+        # "Audi S5 Coupe 2012"); only a longer kind word hides one ("van" in "cargo van").
+        attr = kind[j] == KIND
         inside = (
             (start[i] <= start[j])
             & (end[j] <= end[i])
@@ -194,9 +214,8 @@ def resolve(
         has[rows[ka]] = True
         cm = owners.class_kinds[mem]
         ok &= ~has[tr] | (cm == 0) | ((cm & rk[tr]) != 0)
-    ky = alive[kind[alive] == YEAR]
-    if len(ky):
-        ok &= _year_ok(n, rows[ky], owners.year[own[ky]], pair, mem, tr, ok, owners)
+    if len(y_rows):
+        ok &= _year_ok(n, y_rows, y_vals, pair, mem, tr, ok, owners)
     # Pairs with no candidate left are ruled out; rows with none left are contradicted.
     pair_ok = np.bincount(pair[ok], minlength=len(pr))
     live = pair_ok > 0
@@ -205,7 +224,7 @@ def resolve(
     dead_rows = dead_rows[row_live[dead_rows] == 0]
     if len(dead_rows):
         label[dead_rows] = CONTRADICTED
-        d = np.isin(tr, dead_rows)
+        d = _mask(n, dead_rows)[tr]
         out_rows.append(tr[d])
         out_labels.append(mem[d])
     keep = ok & live[pair]
@@ -231,7 +250,7 @@ def resolve(
     bf = _runs(pr[best])
     term[pr[best[bf]]] = pt[best[bf]]
     several = np.bincount(a_row, minlength=n)[sure] > 1
-    cand = np.isin(a_row, sure[several])
+    cand = _mask(n, sure[several])[a_row]
     cand_row, cand_label = a_row[cand], a_mem[cand]
     # Rows whose live pairs agree on nothing: ambiguous, one entry per live pair.
     amb_rows = live_rows[~has_agreed[live_rows]]
@@ -239,7 +258,7 @@ def resolve(
         return _finish(label, term, out_rows, out_labels, cand_row, cand_label)
     label[amb_rows] = AMBIGUOUS
     ap = np.flatnonzero(live & ~has_agreed[pr])
-    e_mem = np.isin(pair, ap)
+    e_mem = _mask(len(pr), ap)[pair]
     e_pair, e_m = pair[e_mem], mem[e_mem]
     o4 = np.lexsort((e_m, e_pair))
     e_pair, e_m = e_pair[o4], e_m[o4]
@@ -259,7 +278,7 @@ def resolve(
     entry_of_pair = np.full(len(pr), -1, dtype=np.int64)
     entry_of_pair[ent_pair] = np.arange(len(ent_pair))
     multi_ent = size > 1
-    c = np.flatnonzero(np.isin(e_pair, ent_pair[multi_ent]))
+    c = np.flatnonzero(_mask(len(pr), ent_pair[multi_ent])[e_pair])
     c = c[np.lexsort((e_m[c], entry_of_pair[e_pair[c]]))]
     return _finish(
         label,

@@ -4,8 +4,9 @@ terms, each owned by what a hit of it means, and the token patterns each term is
 Owners: a class (its name and synonyms), a family (a name several classes share, such as
 ``Audi S5``), an exclusion (phrases that cancel one owner's hits inside them, such as
 ``rose gold`` for ``rose``), a kind word (a body type or species word that rules out the
-classes of other kinds) and a year (which rules out classes of a distant year, or a sibling of
-a nearer one). Patterns: the term's tokens, its letters and digits written together or apart
+classes of other kinds). Years are no terms: the captions that name a class are searched for
+them apart (:func:`caption_years`), and a year rules out the classes of a distant year, or of a
+nearer sibling. Patterns: the term's tokens, its letters and digits written together or apart
 (:func:`token_variants`), and the simple plural of its last token.
 """
 
@@ -19,9 +20,9 @@ from itertools import product
 
 import numpy as np
 
-CLASS, FAMILY, EXCLUDED, KIND, YEAR = 0, 1, 2, 3, 4
+CLASS, FAMILY, EXCLUDED, KIND = 0, 1, 2, 3  # owner kinds; those naming classes first
 # Caption tokens read as years (a model year, the year a photo was taken): only datasets with
-# class years search for them.
+# class years look for them.
 YEARS = range(1900, 2040)
 MAX_KINDS = 64  # kinds are bits of a uint64 mask
 _ATOM = re.compile(r"\d+|[^\d]+")
@@ -98,7 +99,7 @@ class MatchRules:
 @dataclass(frozen=True)
 class Term:
     """One searchable phrase: its normalised tokens, the class it names (a family's smallest
-    member; -1 for exclusions, kind words and years), its source text, and its owner."""
+    member; -1 for exclusions and kind words), its source text, and its owner."""
 
     tokens: tuple[str, ...]
     label: int
@@ -110,13 +111,12 @@ class Term:
 class Owners:
     """What each owner means, as arrays (indexed by owner id; classes are owners 0..C-1)."""
 
-    kind: np.ndarray  # int8: CLASS, FAMILY, EXCLUDED, KIND or YEAR
+    kind: np.ndarray  # int8: CLASS, FAMILY, EXCLUDED or KIND
     label: np.ndarray  # int64: the class; a family's smallest member; -1
     members_off: np.ndarray  # int64 [owners + 1]: the classes an owner names (CSR)
     members: np.ndarray  # int64
     target: np.ndarray  # int64: the owner an exclusion cancels; -1
     kind_mask: np.ndarray  # uint64: the kinds a kind word fits
-    year: np.ndarray  # int64: a year owner's year; 0
     class_kinds: np.ndarray  # uint64 [classes]: a class's kinds (0: none, never ruled out)
     class_year: np.ndarray  # int64 [classes]: a class's year (0: none)
     year_group: np.ndarray  # int64 [classes]: classes whose names differ only in the year
@@ -126,7 +126,7 @@ class Owners:
     @property
     def plain(self) -> bool:
         """No families, kind words or years: every class hit names one class."""
-        return not np.isin(self.kind, (FAMILY, KIND, YEAR)).any()
+        return not (np.isin(self.kind, (FAMILY, KIND)).any() or self.class_year.any())
 
 
 def normalized(texts: Sequence[str]) -> list[tuple[str, ...]]:
@@ -362,9 +362,6 @@ def build(rules: MatchRules) -> Built:
             )
         else:
             class_year[index[name]] = y
-    years = list(YEARS) if class_year.any() else []
-    for k, y in enumerate(years):
-        terms.append(Term((str(y),), -1, str(y), base + n_kind + k))
     # Classes whose names differ only in their year (a car's generations): a caption year
     # picks the nearest of them.
     group_key: dict[tuple[str, ...], int] = {}
@@ -373,10 +370,10 @@ def build(rules: MatchRules) -> Built:
         key = tuple(t for t in toks if not (class_year[i] and t == str(class_year[i])))
         year_group[i] = group_key.setdefault(key, len(group_key))
 
-    n_owners = base + n_kind + len(years)
+    n_owners = base + n_kind
     kind = np.empty(n_owners, dtype=np.int8)
     kind[:C], kind[C : C + n_fam], kind[C + n_fam : base] = CLASS, FAMILY, EXCLUDED
-    kind[base : base + n_kind], kind[base + n_kind :] = KIND, YEAR
+    kind[base:] = KIND
     members = [[c] for c in range(C)] + fam_members + [[]] * (n_owners - C - n_fam)
     members_off = np.zeros(n_owners + 1, dtype=np.int64)
     members_off[1:] = np.cumsum([len(m) for m in members])
@@ -385,8 +382,6 @@ def build(rules: MatchRules) -> Built:
         target[o] = t
     kind_mask = np.zeros(n_owners, dtype=np.uint64)
     kind_mask[base : base + n_kind] = kind_masks
-    year = np.zeros(n_owners, dtype=np.int64)
-    year[base + n_kind :] = years
     label = np.full(n_owners, -1, dtype=np.int64)
     label[: C + n_fam] = owner_label
     owners = Owners(
@@ -396,7 +391,6 @@ def build(rules: MatchRules) -> Built:
         members=np.array([c for m in members for c in m], dtype=np.int64),
         target=target,
         kind_mask=kind_mask,
-        year=year,
         class_kinds=class_kinds,
         class_year=class_year,
         year_group=year_group,
@@ -408,9 +402,7 @@ def build(rules: MatchRules) -> Built:
     pattern_term: list[int] = []
     seen_pattern: set[tuple[tuple[str, ...], int]] = set()
     for ti, term in enumerate(terms):
-        if owners.kind[term.owner] == YEAR:
-            forms = [term.tokens]
-        elif owners.kind[term.owner] == KIND:  # plurals ("kittens"), never letter-digit variants
+        if owners.kind[term.owner] == KIND:  # plurals ("kittens"), never letter-digit variants
             forms = [term.tokens[:-1] + (last,) for last in plural_forms(term.tokens[-1])]
         else:
             forms = patterns_of(term.tokens)
@@ -427,3 +419,26 @@ def check(rules: MatchRules) -> list[str]:
     normalise to nothing or to another class's name, families of unknown classes, exclusions
     that do not contain their name, kinds and years of unknown classes."""
     return build(rules).problems
+
+
+def caption_years(captions) -> tuple[np.ndarray, np.ndarray]:
+    """``(row, year)`` of every year token (:data:`YEARS`) of each caption (a string array;
+    tokens as the matcher reads them), in Arrow over the normalised batch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.text_filter.matcher import _normalize
+
+    buf, off, row_of, valid = _normalize(captions)
+    text = pa.Array.from_buffers(
+        pa.string(), len(off) - 1, [None, pa.py_buffer(off.astype(np.int32)), pa.py_buffer(buf)]
+    )
+    toks = pc.split_pattern(pc.utf8_trim_whitespace(text.filter(pa.array(valid))), " ")
+    flat = pc.list_flatten(toks)
+    four = np.flatnonzero(pc.binary_length(flat).to_numpy() == 4)  # a cheap test first
+    cand = flat.take(pa.array(four))
+    year = pc.match_substring_regex(cand, r"^(?:19|20)[0-9][0-9]$").to_numpy(zero_copy_only=False)
+    rows = row_of[valid][pc.list_parent_indices(toks).to_numpy()[four[year]]]
+    values = pc.cast(cand.filter(pa.array(year)), pa.int64()).to_numpy()
+    inside = (values >= YEARS.start) & (values < YEARS.stop)
+    return rows[inside].astype(np.int64), values[inside]
