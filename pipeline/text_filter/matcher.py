@@ -7,10 +7,13 @@ Rules (a superset of the reference's SQLite FTS phrase query ``TEXT MATCH '"<nam
   class names alike (``Rolls-Royce`` == ``rolls royce``, ``men's`` == ``men s``);
 - whole tokens only (``cat`` never inside ``catalog``, ``172`` never inside ``1720``);
 - the simple English plural of a term's last token also matches (``s``, ``es``,
-  ``y`` -> ``ies``);
+  ``y`` -> ``ies``), and letters and digits written together or apart match each other
+  (``F150`` = ``F-150``; :func:`pipeline.text_filter.terms.token_variants`);
 - per-class synonyms match as their class;
 - a match inside a longer match of another class does not count (``rose`` in ``desert rose``);
-- a caption that still names two or more classes is *ambiguous*.
+- a caption that still names two or more classes is *ambiguous*;
+- the dataset's match rules beyond names (families, exclusions, kind words, years) are applied
+  to every engine's hits by :mod:`pipeline.text_filter.resolve`.
 
 Engines (``auto`` picks the first that imports; all give the same answers, and the tests hold
 them to it):

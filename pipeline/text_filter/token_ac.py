@@ -8,7 +8,9 @@ digits lower-cased, every other ASCII byte a separator, the common separator ent
 ``&amp;`` skipped), hashes each token as it goes, looks it up in a small open-addressing table
 of the tokens that occur in some term, and steps an Aho-Corasick automaton whose alphabet is
 those token ids. Unknown tokens reset the automaton, so a caption costs one table probe per
-token and its hits come back in preallocated arrays.
+token and its hits come back in preallocated arrays. At the root (no partial match), a bitmap
+of the home slots of the patterns' first tokens lets every other token pass without a probe:
+exclusion phrases make common words known tokens, but few of them start a pattern.
 
 Non-ASCII characters are looked up in a per-code-point table (:func:`codepoint_table`): a
 character that is a separator, or a letter or digit that NFKC and lower-casing leave as it is
