@@ -184,6 +184,7 @@ class Matcher:
         variants = built.patterns
         self._pattern_term = built.pattern_term
         self._term_owner = np.array([t.owner for t in self.terms], dtype=np.int64)
+        self._pattern_wide = np.array([len(v) > 1 for v in variants], dtype=bool)
         patterns = [(" " + " ".join(v) + " ").encode() for v in variants]
         self._pattern_len = np.array([len(p) for p in patterns], dtype=np.int64)
         if self.engine == "tokens":
@@ -345,7 +346,8 @@ class Matcher:
             named = np.unique(rows[self.owners.kind[self._term_owner[terms]] <= _terms.FAMILY])
             y_rows, y_vals = _terms.caption_years(_as_strings(captions).take(pa.array(named)))
             years = (named[y_rows], y_vals)
-        return resolve(n, rows, start, end, terms, self._term_owner, self.owners, years)
+        wide = self._pattern_wide[pid]
+        return resolve(n, rows, start, end, terms, self._term_owner, self.owners, years, wide)
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -113,25 +113,31 @@ def resolve(
     term_owner: np.ndarray,
     owners: Owners,
     years: tuple[np.ndarray, np.ndarray] | None = None,
+    wide: np.ndarray | None = None,
 ) -> BatchMatches:
     """The outcome of ``n`` rows from their hits: row, start and end offset (comparable within
     a row) and term index of each, in any order; ``years``: ``(row, year)`` of the year tokens
-    of (at least) the rows with a class or family hit, where the rules have class years."""
+    of (at least) the rows with a class or family hit, where the rules have class years;
+    ``wide``: True for the hits of patterns of two or more tokens (the only ones that can hold
+    another hit; None: any may)."""
     label = np.full(n, NONE, dtype=np.int64)
     term = np.full(n, -1, dtype=np.int64)
     if len(rows) == 0:
         return BatchMatches(label, term)
     own = term_owner[terms]
+    wide = np.ones(len(rows), dtype=bool) if wide is None else wide
     y_rows, y_vals = years if years is not None else (_empty(), _empty())
     if not owners.plain:
         # Kind words are everywhere ("truck"); only rows naming a class or family need them.
         keep = _mask(n, rows[owners.kind[own] <= FAMILY])[rows]
         if not keep.all():
-            rows, start, end, terms, own = (x[keep] for x in (rows, start, end, terms, own))
+            rows, start, end, terms, own, wide = (
+                x[keep] for x in (rows, start, end, terms, own, wide)
+            )
             if not len(rows):
                 return BatchMatches(label, term)
     order = _position_order(rows, start, end, terms)
-    rows, start, end, terms, own = (x[order] for x in (rows, start, end, terms, own))
+    rows, start, end, terms, own, wide = (x[order] for x in (rows, start, end, terms, own, wide))
     kind = owners.kind[own]
     first = _runs(rows)
     gstart = np.flatnonzero(first)
@@ -157,10 +163,14 @@ def resolve(
     by_excl = np.zeros(len(rows), dtype=bool)
     multi = slow[~single[group[slow]]]
     if len(multi):
-        gsize = np.diff(np.r_[gstart, len(rows)])
-        k = gsize[group[multi]]
+        # Each hit against the row's hits that could hold it (of two or more tokens): a row
+        # repeating one word a thousand times costs a thousand pairs, not a million.
+        cont = multi[wide[multi]]
+        per_group = np.bincount(group[cont], minlength=len(gstart))
+        cstart = np.cumsum(per_group) - per_group
+        k = per_group[group[multi]]
         j = np.repeat(multi, k)
-        i = gstart[group[j]] + _expand(k)[1]
+        i = cont[cstart[group[j]] + _expand(k)[1]]
         tgt = owners.target[own[i]]
         # A kind word inside a class's own name still describes the caption (the "coupe" of
         # "Audi S5 Coupe 2012"); only a longer kind word hides one ("van" in "cargo van").
