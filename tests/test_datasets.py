@@ -357,6 +357,10 @@ RULE_CASES = {
         ("Siamese fighting fish", None),
         ("Yorkie", "Yorkshire Terrier"),
         ("Newfoundland and Labrador", None),
+        ("Boxer kitten costume", None),  # a species word beside the breed: another animal
+        ("Bombay duck curry", None),
+        ("a boy with a rabbit and a pit bull", "American Pit Bull Terrier"),  # beside, not anywhere
+        ("Pug and a kitten", "Pug"),
     ],
     "Flowers102": [
         ("a red rose", "rose"),

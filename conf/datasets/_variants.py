@@ -21,8 +21,10 @@ odd class names the parser cannot split).
   ``DHC-8-VVV``, ``CRJ-VVV`` belongs to the family named by its part before the last dash, with
   the maker's name in front (``Boeing 737``: eight variants). Other makers' names (MAKERS) and
   the curated AIRCRAFT names are added.
-- OxfordIIITPet: each breed is a cat or a dog (CATS: the dataset's cat breeds); words for cats,
-  dogs and other animals (a ``Bengal tiger`` is no Bengal cat) are kind words.
+- OxfordIIITPet: each breed is a cat or a dog (CATS: the dataset's cat breeds). A breed's name
+  followed by a word for another species is excluded (``Bengal tiger``, ``Boxer kitten``,
+  ``Bombay duck``): the species word is read beside the name, not anywhere, because captions
+  often name two animals (a boy with a rabbit and a pit bull).
 - ImageNet-V2, -Sketch, -A and -R: ImageNet.yaml's ``exclude``, restricted to their classes.
 """
 
@@ -441,12 +443,12 @@ CATS = [
     "Maine Coon", "Persian", "Ragdoll", "Russian Blue", "Siamese", "Sphynx",
 ]  # fmt: skip
 PET_WORDS = {
-    "cat": ["cat"], "kitten": ["cat"], "kitty": ["cat"], "kitty cat": ["cat"], "feline": ["cat"],
+    "cat": ["cat"], "kitten": ["cat"], "kitty": ["cat"], "feline": ["cat"],
     "dog": ["dog"], "puppy": ["dog"], "pup": ["dog"], "doggy": ["dog"], "doggie": ["dog"],
     "canine": ["dog"], "hound": ["dog"], "pooch": ["dog"],
 }  # fmt: skip
-# Other animals: a breed name beside one of these names something else (Bengal tiger,
-# Siamese fighting fish, Bombay duck).
+# Other animals: a breed name followed by one of these names something else (Bengal tiger,
+# Bombay duck).
 OTHER_ANIMALS = [
     "tiger", "lion", "leopard", "cheetah", "jaguar", "panther", "horse", "pony", "fish",
     "betta", "goldfish", "rabbit", "bunny", "bird", "parrot", "budgie", "hamster", "guinea pig",
@@ -462,15 +464,18 @@ PET_NAMES = {
 }
 
 
-def pets(classes: list[str]) -> dict:
+def pets(classes: list[str], synonyms: dict[str, list[str]]) -> dict:
     missing = sorted(set(CATS) - set(classes))
     if missing:
         raise SystemExit(f"CATS lists breeds the dataset lacks: {missing}")
-    return {
-        "variants": {c: PET_NAMES[c] for c in classes if c in PET_NAMES},
-        "kind_words": {**PET_WORDS, **{a: [] for a in OTHER_ANIMALS}},
-        "class_kinds": {c: ["cat" if c in CATS else "dog"] for c in classes},
-    }
+    exclude = {}
+    for c in classes:
+        species = "cat" if c in CATS else "dog"
+        others = [w for w, k in PET_WORDS.items() if k != [species]] + OTHER_ANIMALS
+        for name in [c, *synonyms.get(c, []), *PET_NAMES.get(c, [])]:
+            if name.split()[-1].lower() not in PET_WORDS:  # "Scottie dog": its species said
+                exclude[name] = [f"{name} {w}" for w in others]
+    return {"variants": {c: PET_NAMES[c] for c in classes if c in PET_NAMES}, "exclude": exclude}
 
 
 # ---------------------------------------------------------------------- writing
@@ -523,7 +528,8 @@ def main() -> None:
     load = lambda d: yaml.safe_load((HERE / f"{d}.yaml").read_text(encoding="utf-8"))  # noqa: E731
     write_names("StanfordCars", cars(load("StanfordCars")["classes"]))
     write_names("FGVCAircraft", aircraft(load("FGVCAircraft")["classes"]))
-    write_names("OxfordIIITPet", pets(load("OxfordIIITPet")["classes"]))
+    pet = load("OxfordIIITPet")
+    write_names("OxfordIIITPet", pets(pet["classes"], pet.get("synonyms") or {}))
     for d in ("StanfordCars", "FGVCAircraft", "OxfordIIITPet"):
         set_section(d, "names", f"names/{d}.yaml")
         set_section(d, "exclude", load(d).get("exclude"))  # kept last, after names

@@ -163,10 +163,11 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
             del synonyms[k]
     rules: dict[str, Any] = {}
     for key in ("families", "exclude", "kind_words", "class_kinds"):
-        rules[key] = {
-            **_lists(names.get(key), key, problems),
-            **_lists(raw.get(key), key, problems),
-        }
+        # The names file's lists and the config's add up (the config's own after).
+        merged = _lists(names.get(key), key, problems)
+        for k, v in _lists(raw.get(key), key, problems).items():
+            merged[k] = tuple(dict.fromkeys(merged.get(k, ()) + v))
+        rules[key] = merged
     years = {**(names.get("class_years") or {}), **(raw.get("class_years") or {})}
     if not isinstance(years, Mapping) or not all(
         isinstance(y, int) and not isinstance(y, bool) for y in years.values()
