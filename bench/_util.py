@@ -80,7 +80,8 @@ def record(stage: str, rows: list[dict], columns: list[str], args=None, note: st
     entry = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "command": "python " + " ".join(
+        "command": "python "
+        + " ".join(
             [os.path.relpath(sys.argv[0], ROOT)] + [a for a in sys.argv[1:] if a != "--record"]
         ),
         "columns": columns,

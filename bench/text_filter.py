@@ -4,6 +4,8 @@
     python bench/text_filter.py --quick    # 200k captions (< 1 min)
     python bench/text_filter.py --files 16 --task-rows 0   # the same rows in 16 files, a task each
     python bench/text_filter.py --files 1 --split-rows 1000000   # one file, scanned in 2 pieces
+    python bench/text_filter.py --matcher-only   # the matcher rows alone (no Spark)
+    python bench/text_filter.py --matcher-only --dataset StanfordCars   # another dataset's rules
 
 Rows: a bare pyarrow read of the caption column (the floor); the matcher alone on one core,
 with each installed engine (its one-off start, numba's kernel load or compile included, is
@@ -15,6 +17,8 @@ run in turns five times (medians; this shared 2-core machine's speed drifts over
 so the end-to-end/rlike ratio is taken run by run); a naive per-class Python regex loop on a
 slice. Ratios in the table are against the matcher (default engine).
 Captions: pipeline.demo.synthetic (LAION-like, mean ~67 characters, 5% planted class names).
+The matcher is the dataset's, as `primer filter` builds it: names, synonyms and the match rules
+(exclusions; families, kind words and years where the dataset has them).
 """
 
 from __future__ import annotations
@@ -43,16 +47,18 @@ def main() -> None:
     ap.add_argument(
         "--split-rows", type=int, help="filter.split_rows for the end-to-end job (0: never split)"
     )
+    ap.add_argument("--dataset", default="ImageNet", help="whose classes and rules to match")
+    ap.add_argument("--matcher-only", action="store_true", help="the matcher rows alone")
     args = ap.parse_args()
     n = args.rows or (200_000 if args.quick else 2_000_000)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from pipeline.core.config import load_dataset
-
-    classes = list(load_dataset("ImageNet").classes)
     tmp = tempfile.mkdtemp(prefix="primer-bench-filter-")
     try:
-        run(n, args.quick, classes, tmp, args.files, args.task_rows, args.split_rows)
+        run(
+            n, args.quick, args.dataset, tmp, args.files, args.task_rows, args.split_rows,
+            args.matcher_only,
+        )  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -60,14 +66,20 @@ def main() -> None:
 def run(
     n: int,
     quick: bool,
-    classes: list[str],
+    dataset: str,
     tmp: str,
     files: int,
     task_rows: int | None,
     split_rows: int | None,
+    matcher_only: bool = False,
 ) -> None:
+    from pipeline.core.config import load_dataset
     from pipeline.demo.synthetic import laion_table, make_captions
     from pipeline.text_filter.matcher import ENGINES, Matcher
+    from pipeline.text_filter.terms import MatchRules
+
+    rules = MatchRules.from_spec(load_dataset(dataset, descriptions=False))
+    classes = list(rules.classes)
 
     meta = os.path.join(tmp, "meta")
     os.makedirs(meta)
@@ -82,7 +94,7 @@ def run(
         )
     mb = sum(len(c.encode()) for c in caps) / 1e6
     print(
-        f"{n:,} captions, mean {sum(map(len, caps)) / n:.1f} chars, {mb:.0f} MB of caption text, {len(classes)} classes (generated in {time.perf_counter() - t0:.0f} s)"
+        f"{n:,} captions, mean {sum(map(len, caps)) / n:.1f} chars, {mb:.0f} MB of caption text, {len(classes)} classes of {dataset} (generated in {time.perf_counter() - t0:.0f} s)"
     )
     rows = []
 
@@ -116,19 +128,26 @@ def run(
             print(f"engine {engine} not installed: skipped")
     for engine in dict.fromkeys([default_engine, *installed]):
         t0 = time.perf_counter()
-        matcher = Matcher(classes, engine=engine)
+        matcher = Matcher.from_rules(rules, engine=engine)
         matcher.match(arr.slice(0, 1000))  # first call: numba loads (or compiles) its kernel
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        matched = ambiguous = 0
+        matched = ambiguous = ruled_out = 0
         for s in range(0, n, 65536):
             label = matcher.match(arr.slice(s, 65536)).label
             matched += int((label >= 0).sum())
             ambiguous += int((label == -2).sum())
-        note = f"{matched:,} one class, {ambiguous:,} ambiguous; ready in {build_s * 1000:.0f} ms"
+            ruled_out += int((label <= -3).sum())
+        note = (
+            f"{matched:,} matched, {ambiguous:,} ambiguous, {ruled_out:,} excluded or "
+            f"contradicted; ready in {build_s * 1000:.0f} ms"
+        )
         add(f"matcher, 1 core ({engine})", n, time.perf_counter() - t0, note)
+    if matcher_only:
+        print(table(rows, ["method", "captions", "seconds", "captions/s", "MB/s", "note"]))
+        return
 
-    seconds, spread = _two_process_floor(meta, files, classes, 1 if quick else 3)
+    seconds, spread = _two_process_floor(meta, files, rules, 1 if quick else 3)
     add(
         "read + matcher, 2 processes",
         n,
@@ -157,7 +176,7 @@ def run(
             os.path.join(warm, f"w{i}.parquet"),
         )
     for k in range(5):
-        run_text_filter(TextFilterConfig(), "ImageNet", warm, os.path.join(tmp, f"warm-out{k}"))
+        run_text_filter(TextFilterConfig(), dataset, warm, os.path.join(tmp, f"warm-out{k}"))
     slice_n = min(n, 100_000 if not quick else 20_000)
     pattern = r"(?i)\b(" + "|".join(re.escape(c) for c in classes) + r")\b"
     df = spark.createDataFrame(pa.table({"caption": caps[:slice_n]}).to_pandas())
@@ -170,7 +189,7 @@ def run(
     for k in range(1 if quick else 5):
         out = os.path.join(tmp, f"out{k}")
         t0 = time.perf_counter()
-        stats = run_text_filter(cfg, "ImageNet", meta, out)
+        stats = run_text_filter(cfg, dataset, meta, out)
         runs.append((time.perf_counter() - t0, stats))
         shutil.rmtree(out)
         t0 = time.perf_counter()
@@ -221,7 +240,7 @@ def run(
     )
 
 
-def _two_process_floor(meta: str, files: int, classes: list[str], turns: int) -> tuple[float, str]:
+def _two_process_floor(meta: str, files: int, rules, turns: int) -> tuple[float, str]:
     """Seconds (median over ``turns``) for two processes at once, each over half the files, to
     do what a scan task cannot skip: read the columns it needs and match the captions. With
     Spark, the row filters, uids and the parquet write on top, this bounds the end-to-end
@@ -233,7 +252,7 @@ def _two_process_floor(meta: str, files: int, classes: list[str], turns: int) ->
     ctx = mp.get_context("spawn")  # a clean interpreter, as a Spark worker has
     q, barrier = ctx.Queue(), ctx.Barrier(2)
     procs = [
-        ctx.Process(target=_floor_worker, args=(part, classes, barrier, turns, q))
+        ctx.Process(target=_floor_worker, args=(part, rules, barrier, turns, q))
         for part in (paths[:half], paths[half:])
     ]
     for p in procs:
@@ -246,15 +265,13 @@ def _two_process_floor(meta: str, files: int, classes: list[str], turns: int) ->
     return walls[len(walls) // 2], spread
 
 
-def _floor_worker(paths: list[str], classes: list[str], barrier, turns: int, q) -> None:
-    from pipeline.core.config import load_dataset
+def _floor_worker(paths: list[str], rules, barrier, turns: int, q) -> None:
     from pipeline.text_filter.batch import resolve_columns
     from pipeline.text_filter.config import TextFilterConfig
     from pipeline.text_filter.scan import _matcher
 
-    synonyms = {k: list(v) for k, v in load_dataset("ImageNet").synonyms.items()}
     cfg = TextFilterConfig()
-    matcher = _matcher(classes, synonyms, cfg.engine)
+    matcher = _matcher(rules, cfg.engine)
 
     def scan() -> None:
         for path in paths:

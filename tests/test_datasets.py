@@ -78,6 +78,8 @@ SCHEMA_KEYS = [
     "synonyms",
     "descriptions",
     "imagenet_indices",
+    "names",
+    "exclude",
 ]
 
 
@@ -220,6 +222,11 @@ def test_user_yaml_by_path_loads_like_the_bundled_name(tmp_path):
     src = spec("StanfordCars")
     copy = tmp_path / "mycars.yaml"
     shutil.copy(src.path, copy)
+    # Its names file is found next to it, as descriptions are (a missing one is an error).
+    with pytest.raises(ConfigError, match="names file .* does not exist"):
+        load_dataset(str(copy))
+    (tmp_path / "names").mkdir()
+    shutil.copy(Path(src.path).parent / "names" / "StanfordCars.yaml", tmp_path / "names")
     mine = load_dataset(str(copy))
     assert mine.path == str(copy)
     assert dataclasses.replace(mine, path=src.path) == src
@@ -245,6 +252,22 @@ def test_user_yaml_with_descriptions_resolves_them_next_to_itself(tmp_path):
         ("classes: [a]\nsynonyms: {b: [c]}\n", "unknown class 'b'"),
         ("classes: [a]\ndescriptions: nope.json\n", "does not exist"),
         ("classes: [a\n", "not valid YAML"),
+        # match rules (issue 20)
+        ("classes: [rose]\nexclude: {rose: [gold rush]}\n", "'gold rush' must contain 'rose'"),
+        ("classes: [rose]\nexclude: {rose: [rose]}\n", "must contain 'rose' and more words"),
+        ("classes: [rose]\nexclude: {tulip: [tulip bulb]}\n", "'tulip' is no class name"),
+        ("classes: [rose, desert rose]\nexclude: {rose: [desert rose]}\n", "itself a name"),
+        ("classes: [a, b]\nfamilies: {ab: [a, c]}\n", "family 'ab' names unknown classes"),
+        ("classes: [a, b]\nfamilies: {x: [a]}\n", "two or more classes"),
+        ("classes: [a, b]\nfamilies: {a: [a, b]}\n", "the same name to the caption matcher"),
+        ("classes: [a]\nclass_kinds: {b: [k]}\n", "class_kinds given for unknown class 'b'"),
+        ("classes: [a]\nclass_kinds: {a: [k]}\nkind_words: {w: [z]}\n", "kinds no class has"),
+        ("classes: [a]\nclass_kinds: {a: [k]}\nkind_words: {a: [k]}\n", "also a name"),
+        ("classes: [a]\nclass_years: {a: 1492}\n", "outside 1900-2039"),
+        ("classes: [a]\nclass_years: {a: soon}\n", "integer years"),
+        ("classes: [a]\nmax_year_gap: -1\n", "max_year_gap"),
+        ("classes: [a]\nnames: nope.yaml\n", "names file .* does not exist"),
+        ("classes: [a]\nexclude: [a b]\n", "'exclude' must map names"),
     ],
 )
 def test_bad_dataset_yamls_are_clear_errors(tmp_path, body, message):
@@ -253,3 +276,181 @@ def test_bad_dataset_yamls_are_clear_errors(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_dataset(str(p))
     assert str(p) in str(e.value)
+
+
+# Captions each bundled dataset's rules must match to a class (its name), to a family (a list
+# of names: kept with all of them as candidates), or not at all (None).
+RULE_CASES = {
+    "StanfordCars": [
+        (
+            "2013 Hyundai Elantra GLS",
+            ["Hyundai Elantra Sedan 2007", "Hyundai Elantra Touring Hatchback 2012"],
+        ),
+        ("2013 Hyundai Elantra GLS sedan", "Hyundai Elantra Sedan 2007"),
+        ("Audi S5 Cabriolet", "Audi S5 Convertible 2012"),
+        ("Audi S5", ["Audi S5 Convertible 2012", "Audi S5 Coupe 2012"]),
+        ("1992 Ford F150 Pickup", "Ford F-150 Regular Cab 2007"),
+        ("2011 Ford F-150 XLT regular cab", "Ford F-150 Regular Cab 2012"),
+        (
+            "Bugatti Veyron",
+            ["Bugatti Veyron 16.4 Convertible 2009", "Bugatti Veyron 16.4 Coupe 2009"],
+        ),
+        ("2012 Audi S4", "Audi S4 Sedan 2012"),
+        ("2008 Audi S4 sedan", "Audi S4 Sedan 2007"),
+        ("Chevy Camaro convertible", "Chevrolet Camaro Convertible 2012"),
+        ("2014 VW Golf GTI", "Volkswagen Golf Hatchback 2012"),
+        ("1989 Volkswagen Golf", "Volkswagen Golf Hatchback 1991"),
+        ("Mercedes-Benz C300 4MATIC", "Mercedes-Benz C-Class Sedan 2012"),
+        ("Merc E350 sedan", "Mercedes-Benz E-Class Sedan 2012"),
+        ("Chevrolet Express cargo van", "Chevrolet Express Cargo Van 2007"),
+        ("Chevy Express", ["Chevrolet Express Cargo Van 2007", "Chevrolet Express Van 2007"]),
+        ("Dodge Ram 3500 crew cab", "Dodge Ram Pickup 3500 Crew Cab 2010"),
+        (
+            "Lamborghini Gallardo LP570-4 Superleggera",
+            "Lamborghini Gallardo LP 570-4 Superleggera 2012",
+        ),
+        ("Range Rover in the snow", "Land Rover Range Rover SUV 2012"),
+        ("Audi S4 Avant", None),  # a wagon: no S4 wagon class
+        ("Ford Mustang GT coupe", None),  # the class is the convertible
+        ("1965 Ford Mustang convertible", None),  # a classic: 42 years from the class
+        ("Audi TT Roadster", None),
+        ("Range Rover Evoque", None),  # another model
+        ("Eagle Talon", "Eagle Talon Hatchback 1998"),
+        ("bald eagle talon", None),
+    ],
+    "FGVCAircraft": [
+        ("Boeing 737-800 on approach", "737-800"),
+        ("B737-800", "737-800"),
+        ("KLM 737 800", "737-800"),
+        (
+            "Boeing 737",
+            [
+                "737-200",
+                "737-300",
+                "737-400",
+                "737-500",
+                "737-600",
+                "737-700",
+                "737-800",
+                "737-900",
+            ],
+        ),
+        ("Boeing 737 MAX 8", None),
+        ("A-320 taking off", "A320"),
+        ("Airbus A330", ["A330-200", "A330-300"]),
+        ("Cessna 172", "Cessna 172"),
+        ("Cessna 1720", None),
+        ("CRJ200 at the gate", "CRJ-200"),
+        ("Dash 8", ["DHC-8-100", "DHC-8-300"]),
+        ("Panavia Tornado GR4", "Tornado"),
+        ("tornado warning issued", None),
+        ("shot at f/16, ISO 100", None),
+    ],
+    "OxfordIIITPet": [
+        ("Bengal kitten for sale", "Bengal"),
+        ("Bengal tiger", None),
+        ("Cincinnati Bengals jersey", None),
+        ("Boxer puppy", "Boxer"),
+        ("boxer shorts", None),
+        ("Persian rug", None),
+        ("Persian cat", "Persian"),
+        ("Siamese fighting fish", None),
+        ("Yorkie", "Yorkshire Terrier"),
+        ("Newfoundland and Labrador", None),
+        ("Boxer kitten costume", None),  # a species word beside the breed: another animal
+        ("Bombay duck curry", None),
+        ("a boy with a rabbit and a pit bull", "American Pit Bull Terrier"),  # beside, not anywhere
+        ("Pug and a kitten", "Pug"),
+    ],
+    "Flowers102": [
+        ("a red rose", "rose"),
+        ("rose gold necklace", None),
+        ("Desert Rose in bloom", "desert-rose"),
+        ("desert rose selenite crystal", None),
+        ("Qualcomm Snapdragon 888", None),
+        ("snapdragon flowers", "snapdragon"),
+        ("Lotus Elise", None),
+    ],
+    "Food101": [
+        ("chocolate cupcake", "cup cakes"),
+        ("cupcake liners", None),
+        ("Tiramisu lip pencil", None),
+        ("hamburger menu icon", None),
+        ("pizza stone", None),
+    ],
+    "ImageNet": [
+        ("tank top", None),
+        ("army tank", "tank"),
+        ("Fig. 3: results", None),
+        ("fresh fig", "fig"),
+        ("Jaguar F-Type", None),
+        ("jaguar in the jungle", "jaguar"),
+        ("dishwasher safe coffee mug", "coffee mug"),
+        ("Tiger Woods", None),
+    ],
+    "SUN397": [
+        ("baby shower cake", None),
+        ("chocolate bar", None),
+        ("a bar in Dublin", "bar"),
+        ("trench coat", None),
+        ("runway show", None),
+    ],
+    "FashionMNIST": [
+        ("dress pants", "trouser"),
+        ("red dress", "dress"),
+        ("coat of arms", None),
+        ("personal trainer", None),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_bundled_rules_case_by_case(name):
+    """Issue 20: the bundled names files and exclusions, on captions that must match a class,
+    a family, or nothing."""
+    import pyarrow as pa
+
+    from pipeline.text_filter.matcher import Matcher
+    from pipeline.text_filter.terms import MatchRules
+
+    s = spec(name)
+    m = Matcher.from_rules(MatchRules.from_spec(s))
+    caps = [c for c, _ in RULE_CASES[name]]
+    r = m.match(pa.array(caps))
+    cands = r.candidates()
+    wrong = {}
+    for i, (cap, want) in enumerate(RULE_CASES[name]):
+        lab = int(r.label[i])
+        got = (
+            [s.classes[c] for c in cands[i]]
+            if i in cands
+            else (s.classes[lab] if lab >= 0 else None)
+        )
+        if got != want:
+            wrong[cap] = got
+    assert not wrong, wrong
+
+
+def test_every_bundled_exclusion_is_a_longer_phrase_of_its_name():
+    """Beside load_dataset's check: an exclusion names the class inside it, so a caption that
+    is just the exclusion is never matched to that class."""
+    import pyarrow as pa
+
+    from pipeline.text_filter.matcher import Matcher
+    from pipeline.text_filter.terms import MatchRules
+
+    for name in list_datasets():
+        s = spec(name)
+        if not s.exclude:
+            continue
+        m = Matcher.from_rules(MatchRules.from_spec(s))
+        keys = {k: normalize_text(k) for k in s.exclude}
+        phrases = [(k, p) for k, ps in s.exclude.items() for p in ps]
+        r = m.match(pa.array([p for _, p in phrases]))
+        owner = {t.tokens: t.owner for t in m.terms if t.label >= 0}
+        for (k, p), lab in zip(phrases, r.label.tolist()):
+            target = owner[tuple(keys[k].split())]
+            members = m.owners.members[
+                m.owners.members_off[target] : m.owners.members_off[target + 1]
+            ]
+            assert lab not in members.tolist(), (name, k, p)

@@ -21,10 +21,13 @@ from pipeline.text_filter import parts as tfparts
 from pipeline.text_filter import scan as tfscan
 from pipeline.text_filter.config import TextFilterConfig
 from pipeline.text_filter.stage import run_text_filter
+from pipeline.text_filter.terms import MatchRules
 
 pytestmark = pytest.mark.usefixtures("spark")
 
 CLASSES = ["tabby cat", "golden retriever", "desert rose", "rose"]
+SYNONYMS = {"golden retriever": ["goldie"]}
+RULES = MatchRules(tuple(CLASSES), SYNONYMS)
 
 
 @pytest.fixture
@@ -203,7 +206,7 @@ def test_scan_parts_left_without_a_fingerprint_are_not_trusted(tmp_path, dataset
 
     io.makedirs(out)
     files = io.list_files(d, suffixes=(".parquet",))
-    scan_file(0, files[0], out, TextFilterConfig(keep_ambiguous=True), CLASSES, SYNONYMS)
+    scan_file(0, files[0], out, TextFilterConfig(keep_ambiguous=True), RULES)
     run_text_filter(TextFilterConfig(), dataset_yaml, d, out)
     assert ds.dataset(out).to_table() == ds.dataset(str(tmp_path / "clean")).to_table()
     assert not os.path.exists(os.path.join(out, "_scan"))
@@ -217,9 +220,6 @@ def _three_files(tmp_path):
     for i in range(3):
         pq.write_table(laion_table(300, CLASSES, seed=i), d / f"p{i}.parquet")
     return list(enumerate(io.list_files(str(d), suffixes=(".parquet",))))
-
-
-SYNONYMS = {"golden retriever": ["goldie"]}
 
 
 def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatch):
@@ -245,7 +245,7 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
     monkeypatch.setattr(tfscan, "scan_file", scan)
     monkeypatch.setattr(io.StagedFile, "commit", commit)
     out = str(tmp_path / "out")
-    results = tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    results = tfscan.scan_files(files, out, TextFilterConfig(), RULES)
     assert overlapped == [True]
     assert [r["file"] for r in results] == [f for _, f in files]
     for i in range(3):  # every file published, marker included, when the task returns
@@ -255,7 +255,7 @@ def test_a_task_publishes_each_file_while_it_scans_the_next(tmp_path, monkeypatc
     # The same bytes as scanning one file at a time, committing before the next.
     ref = str(tmp_path / "ref")
     for i, f in files:
-        real_scan(i, f, ref, TextFilterConfig(), CLASSES, SYNONYMS)
+        real_scan(i, f, ref, TextFilterConfig(), RULES)
     for i in range(3):
         for a, b in zip(tfparts._piece_paths(out, i)[:1] + (tfparts._keys_path(out, i),),
                         tfparts._piece_paths(ref, i)[:1] + (tfparts._keys_path(ref, i),)):  # fmt: skip
@@ -275,7 +275,7 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
     monkeypatch.setattr(io.StagedFile, "commit", commit)
     out = str(tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
-        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, out, TextFilterConfig(), RULES)
     assert io.exists(tfparts._piece_paths(out, 0)[1])  # the file before it is whole and marked
     assert not io.exists(tfparts._piece_paths(out, 1)[1])  # no marker without its keys
     assert not io.exists(tfparts._keys_path(out, 1))
@@ -289,8 +289,8 @@ def test_a_failed_commit_fails_the_task_and_leaves_that_file_unmarked(tmp_path, 
     )
     assert not [n for n in os.listdir(os.path.join(out, "_scan")) if ".tmp-" in n]
     monkeypatch.setattr(io.StagedFile, "commit", real_commit)
-    rerun = tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
-    clean = tfscan.scan_files(files, str(tmp_path / "clean"), TextFilterConfig(), CLASSES, SYNONYMS)
+    rerun = tfscan.scan_files(files, out, TextFilterConfig(), RULES)
+    clean = tfscan.scan_files(files, str(tmp_path / "clean"), TextFilterConfig(), RULES)
     strip = [{k: v for k, v in r.items() if k != "timings"} for r in rerun]
     assert strip == [{k: v for k, v in r.items() if k != "timings"} for r in clean]
 
@@ -331,7 +331,7 @@ def test_a_failed_commit_stops_the_task_before_its_next_file(tmp_path, monkeypat
     monkeypatch.setattr(tfscan, "scan_file", scan)
     out = str(tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
-        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, out, TextFilterConfig(), RULES)
     assert scanned == [0, 1]  # file 2 never scanned
     assert not io.exists(tfparts._piece_paths(out, 0)[1])
     assert io.exists(tfparts._piece_paths(out, 1)[1])  # already handed over: published
@@ -363,7 +363,7 @@ def test_a_scan_error_still_waits_for_the_earlier_files_commits(tmp_path, monkey
     monkeypatch.setattr(io.StagedFile, "commit", slow_commit)
     out = str(tmp_path / "out")
     with pytest.raises(io.InputError, match="p1.parquet"):
-        tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, out, TextFilterConfig(), RULES)
     assert io.exists(tfparts._piece_paths(out, 0)[1])  # published before the task failed
     assert not io.exists(tfparts._piece_paths(out, 1)[1])
 
@@ -380,7 +380,7 @@ def test_a_commit_failing_behind_a_scan_error_is_reported_with_it(tmp_path, monk
 
     monkeypatch.setattr(io.StagedFile, "commit", failing_commit)
     with pytest.raises(io.InputError, match="p1.parquet") as err:
-        tfscan.scan_files(files, str(tmp_path / "out"), TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(files, str(tmp_path / "out"), TextFilterConfig(), RULES)
     assert any("disk full" in n for n in getattr(err.value, "__notes__", []))
     assert "disk full" in caplog.text
 
@@ -389,7 +389,7 @@ def test_keys_are_read_in_part_order_and_a_truncated_file_is_refused(tmp_path):
 
     out = str(tmp_path / "out")
     files = _three_files(tmp_path)
-    tfscan.scan_files(files, out, TextFilterConfig(), CLASSES, SYNONYMS)
+    tfscan.scan_files(files, out, TextFilterConfig(), RULES)
     each = [
         np.frombuffer(io.read_bytes(tfparts._keys_path(out, i)), tfbatch.KEY_DTYPE) for i in (2, 0)
     ]
@@ -635,8 +635,7 @@ def test_rerun_after_failure_with_other_settings_rescans(tmp_path, dataset_yaml)
         files[0],
         out,
         TextFilterConfig(keep_ambiguous=True),
-        CLASSES,
-        {"golden retriever": ["goldie"]},
+        MatchRules(tuple(CLASSES), {"golden retriever": ["goldie"]}),
     )
     stats = run_text_filter(TextFilterConfig(), dataset_yaml, meta, out)
     assert stats["rows_matched"] == 5 and stats["dropped"]["ambiguous"] == 1
@@ -918,9 +917,9 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     def probe(group):
         import gc
 
-        tfscan.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)
+        tfscan.scan_files(group, out, TextFilterConfig(), RULES)
         frozen = gc.get_freeze_count()
-        tfscan.scan_files(group, out, TextFilterConfig(), CLASSES, SYNONYMS)  # resumed: no work
+        tfscan.scan_files(group, out, TextFilterConfig(), RULES)  # resumed: no work
         return [(frozen, gc.get_freeze_count())]
 
     (frozen, again), = (
@@ -929,7 +928,7 @@ def test_a_spark_worker_freezes_its_heap_once_and_the_driver_never(tmp_path, spa
     assert frozen > 10_000  # the worker's modules, kernels and matcher
     assert again == frozen  # once per worker
     before = gc.get_freeze_count()
-    tfscan.scan_files(files[1:], out, TextFilterConfig(), CLASSES, SYNONYMS)
+    tfscan.scan_files(files[1:], out, TextFilterConfig(), RULES)
     assert gc.get_freeze_count() == before == 0
 
 

@@ -37,6 +37,8 @@ Decisions recorded here:
 - ImageNet-R/-A: classes are the ImageNet names at their 1k indices, in increasing-wnid (= index)
   order, which is also the sorted order of their wnid folders.
 - Synonyms: a few common alternative names, each checked not to name another class.
+- ``names`` and ``exclude`` sections of an existing YAML are kept as they are: exclusions are
+  written by hand, names files by ``_variants.py`` (run it after this script).
 """
 
 from __future__ import annotations
@@ -186,7 +188,11 @@ def write(name, source, layout, classes, templates, synonyms=None, descriptions=
         doc["imagenet_indices"] = list(indices)
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000)
     assert yaml.safe_load(text) == doc, name  # every name round-trips
-    (HERE / f"{name}.yaml").write_text(text, encoding="utf-8")
+    path = HERE / f"{name}.yaml"
+    # Sections kept by hand (exclusions) or by _variants.py (names) are carried over as written.
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = re.findall(r"^(?:names|exclude):.*\n(?:[ -].*\n|\n)*", old, re.M)
+    path.write_text(text + "".join(kept), encoding="utf-8")
 
 
 def main(src: str) -> None:

@@ -58,6 +58,13 @@ class DatasetSpec:
     templates: tuple[str, ...]
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     descriptions: dict[str, list[str]] | None = None
+    # The text filter's rules beyond names (pipeline.text_filter.terms.MatchRules).
+    families: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    kind_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    class_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    class_years: dict[str, int] = field(default_factory=dict)
+    max_year_gap: int | None = None
     imagenet_indices: tuple[int, ...] | None = None
     layout: str = "imagefolder"
     source: str = ""
@@ -117,9 +124,17 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
     ``descriptions=False`` skips the CuPL descriptions file (``spec.descriptions`` is None):
     the text filter never reads them, and ImageNet's take 50 ms to parse.
 
+    The text filter's rules (see :class:`pipeline.text_filter.terms.MatchRules`) come from the
+    file's ``synonyms``, ``families``, ``exclude``, ``kind_words``, ``class_kinds``,
+    ``class_years`` and ``max_year_gap``, and from the ``names`` file it points to (a YAML of
+    the same keys, where ``variants`` add to ``synonyms``; the bundled ones are written by
+    ``conf/datasets/_variants.py``).
+
     Raises :class:`ConfigError` naming the file for a missing file, an empty class list,
-    duplicate or empty class names, a template without exactly one ``{}``, or synonyms or
-    descriptions for classes the file does not list.
+    duplicate or empty class names, a template without exactly one ``{}``, synonyms or
+    descriptions for classes the file does not list, names the caption matcher cannot tell
+    apart, a family of fewer than two known classes, an exclusion that does not contain its
+    name, or kinds and years of unknown classes.
     """
     want_descriptions = descriptions
     path = _resolve_dataset_path(name_or_path)
@@ -152,18 +167,34 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
             problems.append(f"template {t!r} must contain exactly one '{{}}'")
-    synonyms_raw = raw.get("synonyms") or {}
-    if not isinstance(synonyms_raw, Mapping):
-        problems.append("'synonyms' must map class names to lists of terms")
-        synonyms_raw = {}
-    synonyms: dict[str, tuple[str, ...]] = {}
-    for k, v in synonyms_raw.items():
+    names = _names_file(raw.get("names"), path, problems)
+    synonyms = _lists(raw.get("synonyms"), "synonyms", problems)
+    for k, v in _lists(names.get("variants"), "variants", problems).items():
+        synonyms[k] = tuple(dict.fromkeys(synonyms.get(k, ()) + v))
+    for k in list(synonyms):
         if k not in seen:
             problems.append(f"synonyms given for unknown class {k!r}")
-            continue
-        terms = [v] if isinstance(v, str) else list(v or [])
-        synonyms[k] = tuple(str(t) for t in terms if str(t).strip())
-    problems += _matcher_conflicts(classes, synonyms)
+            del synonyms[k]
+    rules: dict[str, Any] = {}
+    for key in ("families", "exclude", "kind_words", "class_kinds"):
+        # The names file's lists and the config's add up (the config's own after).
+        merged = _lists(names.get(key), key, problems)
+        for k, v in _lists(raw.get(key), key, problems).items():
+            merged[k] = tuple(dict.fromkeys(merged.get(k, ()) + v))
+        rules[key] = merged
+    years = {**(names.get("class_years") or {}), **(raw.get("class_years") or {})}
+    if not isinstance(years, Mapping) or not all(
+        isinstance(y, int) and not isinstance(y, bool) for y in years.values()
+    ):
+        problems.append("'class_years' must map class names to integer years")
+        years = {}
+    rules["class_years"] = dict(years)
+    gap = raw.get("max_year_gap", names.get("max_year_gap"))
+    if gap is not None and (not isinstance(gap, int) or isinstance(gap, bool) or gap < 0):
+        problems.append(f"'max_year_gap' must be a whole number of years >= 0, not {gap!r}")
+        gap = None
+    rules["max_year_gap"] = gap
+    problems += _matcher_conflicts(classes, synonyms, rules)
     descriptions = None
     desc_ref = raw.get("descriptions")
     if desc_ref and want_descriptions:
@@ -192,6 +223,7 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
         templates=tuple(templates),
         synonyms=synonyms,
         descriptions=descriptions,
+        **rules,
         imagenet_indices=indices,
         layout=str(raw.get("layout") or "imagefolder"),
         source=str(raw.get("source") or ""),
@@ -199,36 +231,64 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
     )
 
 
-def _matcher_conflicts(classes: list[str], synonyms: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """Class names and synonyms the caption matcher could never tell apart.
+def _lists(value: Any, what: str, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """A mapping of names to lists of strings (a single string is a list of one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{what!r} must map names to lists of strings")
+        return {}
+    out = {}
+    for k, v in value.items():
+        items = [v] if isinstance(v, str) else list(v or [])
+        out[str(k)] = tuple(str(t) for t in items if str(t).strip())
+    return out
+
+
+def _names_file(ref: Any, path: Path, problems: list[str]) -> dict:
+    """The ``names`` file a dataset config points to (relative to it), or {}."""
+    if not ref:
+        return {}
+    p = Path(str(ref))
+    if not p.is_absolute():
+        p = path.parent / p
+    try:
+        names = _yaml_load(p.read_text(encoding="utf-8")) or {}
+    except OSError:
+        problems.append(f"names file {str(p)!r} does not exist")
+        return {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        problems.append(f"names file {str(p)!r} is not valid YAML ({e})")
+        return {}
+    if not isinstance(names, Mapping):
+        problems.append(f"names file {str(p)!r} must hold a mapping")
+        return {}
+    return dict(names)
+
+
+def _matcher_conflicts(
+    classes: list[str], synonyms: Mapping[str, tuple[str, ...]], rules: Mapping | None = None
+) -> list[str]:
+    """What the caption matcher could not use as given (see
+    :func:`pipeline.text_filter.terms.check`).
 
     Captions are matched after normalisation (case, punctuation, Unicode NFKC; see
-    :mod:`pipeline.text_filter.matcher`). Two classes that normalise alike (``Rose``/``rose``), or a synonym
-    that normalises to another class's name, would make every caption naming them ambiguous,
-    so all of them would be dropped; a name with no letter or digit matches nothing.
+    :mod:`pipeline.text_filter.matcher`). Two classes that normalise alike (``Rose``/``rose``),
+    or a synonym that normalises to another class's name, would make every caption naming them
+    ambiguous, so all of them would be dropped; a name with no letter or digit matches nothing;
+    an exclusion that does not contain its name would never apply.
     """
-    from pipeline.text_filter.matcher import normalize_texts
+    from pipeline.text_filter.terms import MatchRules, check
 
     index: dict[str, int] = {}
     for i, c in enumerate(classes):  # exact duplicates and empty names are reported already
         if c:
             index.setdefault(c, i)
-    terms = [(f"class name {c!r} (label {i})", i) for c, i in index.items()]
-    for c, ts in synonyms.items():
-        terms += [(f"synonym {t!r} of {c!r} (label {index[c]})", index[c]) for t in ts]
-    texts = list(index) + [t for ts in synonyms.values() for t in ts]
-    problems = []
-    owner: dict[str, tuple[str, int]] = {}
-    for (what, label), key in zip(terms, normalize_texts(texts)):
-        if not key.strip():
-            problems.append(f"{what} has no letter or digit to match")
-            continue
-        first = owner.setdefault(key, (what, label))
-        if first[1] != label:
-            problems.append(
-                f"{first[0]} and {what} are the same name to the caption matcher ({key!r})"
-            )
-    return problems
+    first = [c for c in classes if c and index[c] == classes.index(c)]
+    try:
+        return check(MatchRules(tuple(dict.fromkeys(first)), synonyms, **dict(rules or {})))
+    except (TypeError, ValueError) as e:
+        return [f"match rules: {e}"]
 
 
 # --------------------------------------------------------------------------- run config

@@ -199,10 +199,10 @@ def load(url: str, require_complete: bool = True) -> tuple[np.ndarray, np.ndarra
     rows of the pool embeddings it was decided over, in pool order.
     """
     if is_decision(url):
-        kept = decision_kept(url)
+        kept = _decision_kept_rows(url)
         uids, labels, feats = load(decision_pool(url), require_complete)
-        mask = np.isin(uids, kept)
-        return uids[mask], labels[mask], feats[mask]
+        mask = np.isin(uids, np.asarray(kept.column("uid").to_pylist(), dtype=object))
+        return uids[mask], _decided_labels(uids[mask], labels[mask], kept), feats[mask]
     table, feats = load_table(url, require_complete)
     if "kind" in table.column_names and io.exists(io.join(url, META)):
         if read_meta(url).get("kind") == "text":
@@ -223,11 +223,52 @@ def decision_pool(url: str) -> str:
 
 def decision_kept(url: str) -> np.ndarray:
     """The kept uids of a decision directory (object array)."""
+    return np.asarray(_decision_kept_rows(url).column("uid").to_pylist(), dtype=object)
+
+
+def _decision_kept_rows(url: str) -> pa.Table:
+    """``uid`` and ``label`` of a decision's kept rows."""
     if not io.is_done(url):
         raise io.InputError(f"{url} is not a complete decision (no {io.SUCCESS}); rerun its filter")
-    t = io.read_parquet(io.join(url, DECISION), columns=["uid", "kept"])
-    kept = t.column("kept").to_numpy(zero_copy_only=False)
-    return np.asarray(t.column("uid").to_pylist(), dtype=object)[kept]
+    t = io.read_parquet(io.join(url, DECISION), columns=["uid", "label", "kept"])
+    return t.filter(t.column("kept")).select(["uid", "label"])
+
+
+def _decided_labels(uids: np.ndarray, labels: np.ndarray, kept: pa.Table) -> np.ndarray:
+    """``labels`` with the decision's label where it differs: a filter may pick a family row's
+    class (the CLIP filter does). Only uids found once in the pool rows and once among the kept
+    rows are relabelled (a caption kept under two classes keeps both rows as they are)."""
+    import pyarrow.compute as pc
+
+    if not len(uids) or not kept.num_rows:
+        return labels
+    pool = pa.table({"uid": pa.array(uids.tolist(), pa.string()), "row": np.arange(len(uids))})
+    pairs = pool.join(kept.rename_columns(["uid", "decided"]), "uid", join_type="inner")
+    g = pairs.group_by("uid").aggregate([("row", "count"), ("row", "min"), ("decided", "min")])
+    g = g.filter(pc.equal(g.column("row_count"), 1))
+    rows = g.column("row_min").to_numpy()
+    out = np.array(labels, dtype=np.int64, copy=True)
+    out[rows] = g.column("decided_min").to_numpy()
+    return out
+
+
+def pool_candidates(url: str) -> dict[tuple[str, int], list[int]]:
+    """``{(uid, label): classes}`` of an embedding directory's family rows (rows whose caption
+    named a family of classes; the ``candidates`` column the embed stage carries), empty when
+    it has none."""
+    import pyarrow.compute as pc
+
+    out: dict[tuple[str, int], list[int]] = {}
+    for s in completed_shards(url):
+        t = io.read_parquet(io.join(url, f"{s}.parquet"))  # uid, label and a few small columns
+        if "candidates" not in t.column_names:
+            continue
+        n = pc.fill_null(pc.list_value_length(t.column("candidates")), 0)
+        t = t.filter(pc.greater(n, 1))
+        for u, lb, c in zip(*(t.column(k).to_pylist() for k in ("uid", "label", "candidates"))):
+            if c and len(c) > 1:
+                out[(u, int(lb))] = [int(x) for x in c]
+    return out
 
 
 @dataclass(frozen=True)

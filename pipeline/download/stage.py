@@ -7,7 +7,8 @@ Steps:
    so a rerun hands img2dataset the same list and its incremental mode skips the shards it
    finished (a shard is done when its ``{shard}_stats.json`` exists).
 3. img2dataset downloads, resizes (keep aspect ratio, short side ``image_size``) and writes
-   ``{00000..}.tar``; ``uid``, ``label`` and ``class_name`` ride along into each sample's json.
+   ``{00000..}.tar``; ``uid``, ``label``, ``class_name`` and ``candidates`` (the classes a
+   family row may be, for the CLIP filter to pick from) ride along into each sample's json.
    :mod:`pipeline.download.limits` refuses oversized responses and decompression bombs
    before they are decoded and connections whose peer address is not public (redirects, DNS).
 4. ``manifest.parquet`` (one row per input (uid, label) with shard, key, status, error and
@@ -45,6 +46,8 @@ MANIFEST = "manifest.parquet"
 MATCH_COLUMNS = ("uid", "url", "caption", "label", "class_name")
 # The shards', manifest's and stats' layout; an output of another is never reused.
 OUTPUT_FORMAT = 1
+# Carried when the matches have it (the text filter's since its scan format 5).
+CANDIDATES = "candidates"
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,14 @@ def read_matches(matches: str) -> pa.Table:
     missing = sorted(set(MATCH_COLUMNS) - set(table.column_names))
     if missing:
         raise io.InputError(f"{matches}: missing columns {missing} (have {table.column_names})")
-    table = table.select(list(MATCH_COLUMNS))
-    return table.set_column(3, "label", pc.cast(table.column("label"), pa.int32()))
+    table = table.select(
+        list(MATCH_COLUMNS) + [c for c in (CANDIDATES,) if c in table.column_names]
+    )
+    table = table.set_column(3, "label", pc.cast(table.column("label"), pa.int32()))
+    if CANDIDATES in table.column_names:
+        i = table.column_names.index(CANDIDATES)
+        table = table.set_column(i, CANDIDATES, pc.cast(table.column(i), pa.list_(pa.int32())))
+    return table
 
 
 def dedupe(table: pa.Table) -> tuple[pa.Table, int]:
@@ -185,14 +194,16 @@ def split_allowed(table: pa.Table, allow_private: bool) -> tuple[pa.Table, pa.Ta
     return table.filter(ok), refused
 
 
-def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, out: str) -> dict:
+def _img2dataset_kwargs(
+    cfg: DownloadConfig, url_list: str, out: str, extra: tuple[str, ...] = ()
+) -> dict:
     return dict(
         url_list=url_list,
         output_folder=out,
         input_format="parquet",
         url_col="url",
         caption_col="caption",
-        save_additional_columns=["uid", "label", "class_name"],
+        save_additional_columns=["uid", "label", "class_name", *extra],
         output_format="webdataset",
         processes_count=cfg.worker_processes(),
         thread_count=cfg.threads,
@@ -218,7 +229,11 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: str, out: str) -> dict:
 
 
 def run_img2dataset(
-    cfg: DownloadConfig, url_list: str, out: str, num_rows: int | None = None
+    cfg: DownloadConfig,
+    url_list: str,
+    out: str,
+    num_rows: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> None:
     """Call ``img2dataset.download`` on ``url_list`` with Primer's parts installed
     (:mod:`pipeline.download.limits`: byte/pixel caps, connect-time address check,
@@ -246,7 +261,7 @@ def run_img2dataset(
         ),
         contextlib.redirect_stdout(sys.stderr),
     ):
-        i2d_main.download(**_img2dataset_kwargs(cfg, url_list, out))
+        i2d_main.download(**_img2dataset_kwargs(cfg, url_list, out, extra))
 
 
 _SHARD_PARQUET = re.compile(r"(\d+)\.parquet")
@@ -271,6 +286,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error_message", pa.string()),
         ("reason", pa.string()),
+        (CANDIDATES, pa.list_(pa.int32())),  # null where the matches had none
     ]
 )
 
@@ -319,9 +335,14 @@ def build_manifest(got: pa.Table, allowed: pa.Table, refused: pa.Table) -> pa.Ta
 
     Allowed rows in no finished shard get status ``missing``.
     """
-    joined = allowed.select(["uid", "label", "class_name", "url"]).join(
-        got, keys=["uid", "label"], join_type="left outer", use_threads=False
+    allowed, refused = _with_candidates(allowed), _with_candidates(refused)
+    # Arrow's join carries no list column: the candidates follow by row number.
+    joined = (
+        allowed.select(["uid", "label", "class_name", "url"])
+        .append_column("_row", pa.array(np.arange(allowed.num_rows, dtype=np.int64)))
+        .join(got, keys=["uid", "label"], join_type="left outer", use_threads=False)
     )
+    candidates = allowed.column(CANDIDATES).take(joined.column("_row"))
     status = pc.fill_null(joined.column("status"), "missing")
     message = pc.if_else(
         pc.is_null(joined.column("status")),
@@ -342,7 +363,7 @@ def build_manifest(got: pa.Table, allowed: pa.Table, refused: pa.Table) -> pa.Ta
     )
     dl = dl.append_column(
         "reason", failure_reasons(dl.column("status"), dl.column("error_message"))
-    )
+    ).append_column(CANDIDATES, candidates)
     n = refused.num_rows
     nulls = pa.nulls(n, pa.string())
     ref = pa.table(
@@ -358,10 +379,18 @@ def build_manifest(got: pa.Table, allowed: pa.Table, refused: pa.Table) -> pa.Ta
                 "URL refused before fetching (", refused.column("reason"), ")", ""
             ),
             "reason": refused.column("reason"),
+            CANDIDATES: refused.column(CANDIDATES),
         }
     )
     table = pa.concat_tables([dl.cast(MANIFEST_SCHEMA), ref.cast(MANIFEST_SCHEMA)])
     return table.sort_by([("uid", "ascending"), ("label", "ascending")])
+
+
+def _with_candidates(table: pa.Table) -> pa.Table:
+    """``table`` with a ``candidates`` column (all null where it had none)."""
+    if CANDIDATES in table.column_names:
+        return table
+    return table.append_column(CANDIDATES, pa.nulls(table.num_rows, pa.list_(pa.int32())))
 
 
 def summarize(manifest: pa.Table) -> dict:
@@ -467,7 +496,8 @@ def run_download(cfg: DownloadConfig, matches: str, out: str, overwrite: bool = 
         # ours, left by a run that died before _SUCCESS, would crash it. Rewritten below.
         for name in ("stats.json", "config.json"):
             io.remove(io.join(out, name))
-        run_img2dataset(cfg, url_list, out, allowed.num_rows)
+        extra = tuple(c for c in (CANDIDATES,) if c in allowed.column_names)
+        run_img2dataset(cfg, url_list, out, allowed.num_rows, extra)
     timings["download_s"] = round(time.perf_counter() - t1, 3)
     t2 = time.perf_counter()
     manifest = build_manifest(read_shard_results(out), allowed, refused)

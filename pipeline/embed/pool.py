@@ -76,14 +76,24 @@ def _finish(out: str, expected: list[str], meta: dict, stats_extra: dict) -> boo
 
 
 def _write_pool_shard(out: str, name: str, acc: dict, dim: int) -> None:
-    """Rows sorted by uid: the same order whatever the worker count or tar order."""
+    """Rows sorted by uid: the same order whatever the worker count or tar order. A family
+    row's candidate classes ride along (``candidates``, null for the other rows)."""
+    import pyarrow as pa
+
     uids = np.asarray(acc["uids"], dtype=object)
     order = np.argsort(uids, kind="stable") if len(uids) else np.zeros(0, np.int64)
     feats = np.concatenate(acc["feats"]) if acc["feats"] else np.zeros((0, dim), np.float16)
     errors = sorted(acc["errors"], key=lambda e: (str(e[0]), str(e[1])))
     labels = np.asarray(acc["labels"], dtype=np.int32)
+    cands = pa.array([acc["cands"][i] for i in order.tolist()], pa.list_(pa.int32()))
     E.write_shard(
-        out, name, uids[order].tolist(), labels[order], feats[order], stats={"errors": errors}
+        out,
+        name,
+        uids[order].tolist(),
+        labels[order],
+        feats[order],
+        extra={"candidates": cands},
+        stats={"errors": errors},
     )
 
 
@@ -157,17 +167,18 @@ def embed_shards(
         loader = _loader(dataset, workers, lm.device.startswith("cuda"))
         with progress(total=len(todo), desc="embed shards", unit="shard") as bar:
             t_wait = time.perf_counter()
-            for unit, uids, labels, batch, errors, last in loader:
+            for unit, uids, labels, batch, errors, last, cands in loader:
                 t_got = time.perf_counter()
                 timing["wait_s"] += t_got - t_wait
                 acc = pending.setdefault(
-                    unit.name, {"uids": [], "labels": [], "feats": [], "errors": []}
+                    unit.name, {"uids": [], "labels": [], "cands": [], "feats": [], "errors": []}
                 )
                 acc["errors"].extend(tuple(e) for e in errors)
                 if batch is not None:
                     acc["feats"].append(encode_images(lm, batch))
                     acc["uids"].extend(uids)
                     acc["labels"].extend(labels)
+                    acc["cands"].extend(cands)
                     images += len(uids)
                 t_enc = time.perf_counter()
                 timing["compute_s"] += t_enc - t_got

@@ -97,9 +97,12 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, sample
 
 
-def _sample_fields(key: str, sample: dict[str, bytes]) -> tuple[str, int, bytes | None, str]:
-    """``(uid, label, image bytes or None, error)`` of one webdataset sample; ``error`` is
-    empty when the sample can be embedded (a sample without json keeps its key as uid)."""
+def _sample_fields(
+    key: str, sample: dict[str, bytes]
+) -> tuple[str, int, list[int] | None, bytes | None, str]:
+    """``(uid, label, candidates, image bytes or None, error)`` of one webdataset sample;
+    ``error`` is empty when the sample can be embedded (a sample without json keeps its key as
+    uid). ``candidates``: the classes a family row may be (the text filter's), else None."""
     meta: dict = {}
     err = ""
     if "json" in sample:
@@ -114,10 +117,15 @@ def _sample_fields(key: str, sample: dict[str, bytes]) -> tuple[str, int, bytes 
         label = int(meta.get("label", -1))
     except (TypeError, ValueError):
         label, err = -1, f"label {meta.get('label')!r} is not an integer"
+    cands = meta.get("candidates")
+    if cands is not None and not (
+        isinstance(cands, list) and all(type(c) is int for c in cands) and label in cands
+    ):
+        cands, err = None, err or f"candidates {cands!r} are not a list of classes with the label"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        return uid, label, None, f"no image in sample: members {sorted(sample)}"
-    return uid, label, sample[ext], err
+        return uid, label, cands, None, f"no image in sample: members {sorted(sample)}"
+    return uid, label, cands, sample[ext], err
 
 
 @dataclass(frozen=True)
@@ -138,9 +146,10 @@ def plan_units(shards: list[tuple[str, str]], workers: int) -> list[_Unit]:
 
 
 def _iter_unit_batches(units: list[_Unit], pre_pil, preprocess, image_size: int, batch_size: int):
-    """Yield ``(unit, uids, labels, tensor|None, errors, last)``: batches of decoded images,
-    then one ``last`` message per unit. A bad sample is an error row, not a failed shard; a tar
-    that cannot be read is one ``<shard>`` error row and the rows read before it."""
+    """Yield ``(unit, uids, labels, tensor|None, errors, last, candidates)``: batches of
+    decoded images, then one ``last`` message per unit. A bad sample is an error row, not a
+    failed shard; a tar that cannot be read is one ``<shard>`` error row and the rows read
+    before it. ``candidates`` holds each image's candidate classes (None for most)."""
     import torch
 
     info = torch.utils.data.get_worker_info()
@@ -148,13 +157,14 @@ def _iter_unit_batches(units: list[_Unit], pre_pil, preprocess, image_size: int,
     for unit in mine:
         uids: list[str] = []
         labels: list[int] = []
+        cands: list = []
         tensors: list = []
         errors: list = []
         try:
             for i, (key, sample) in enumerate(iter_tar_samples(unit.url)):
                 if i % unit.parts != unit.part:
                     continue
-                uid, label, data, err = _sample_fields(key, sample)
+                uid, label, cand, data, err = _sample_fields(key, sample)
                 if data is None or err:
                     # Unreadable metadata is a failure too: embedding it under its tar key and
                     # label -1 would give a row no later stage can join back to its sample.
@@ -167,13 +177,15 @@ def _iter_unit_batches(units: list[_Unit], pre_pil, preprocess, image_size: int,
                     continue
                 uids.append(uid)
                 labels.append(label)
+                cands.append(cand)
                 if len(tensors) == batch_size:
-                    yield unit, uids, labels, torch.stack(tensors), errors, False
-                    uids, labels, tensors, errors = [], [], [], []
+                    yield unit, uids, labels, torch.stack(tensors), errors, False, cands
+                    uids, labels, cands, tensors, errors = [], [], [], [], []
         except (tarfile.TarError, OSError, EOFError) as e:
             if unit.part == 0:
                 errors.append(("<shard>", f"unreadable tar: {type(e).__name__}: {e}"[:200]))
-        yield unit, uids, labels, torch.stack(tensors) if tensors else None, errors, True
+        batch = torch.stack(tensors) if tensors else None
+        yield unit, uids, labels, batch, errors, True, cands
 
 
 def _unit_dataset(units: list[_Unit], lm: LoadedModel, batch_size: int):

@@ -6,7 +6,9 @@ seconds from cached embeddings; :mod:`pipeline.materialise` applies a decision.
 
 - CLIP-score filter (the reference's optional filter): logits = 100 f . T^T with the class
   template heads T; keep a pool image when softmax(logits)[caption label] >= ``min_prob`` and,
-  with ``require_agreement``, when the zero-shot prediction equals its caption label.
+  with ``require_agreement``, when the zero-shot prediction equals its caption label. A family
+  row (its caption named several candidate classes, not which) first takes the candidate of
+  highest logit as its label (zero-shot restricted to the candidates).
 - Transductive filter (the reference's): S = F_queries . F_pool^T; each query's ``k`` nearest
   pool images; the subset is the union, each kept image with its best similarity and the number
   of queries that chose it. ``kshot`` restricts each query to pool images of its own
@@ -158,16 +160,50 @@ def zero_shot(
     return preds, prob
 
 
+def choose_among_candidates(
+    labels: np.ndarray,
+    feats: np.ndarray,
+    heads: np.ndarray,
+    candidates: dict[int, list[int]],
+    logit_scale: float = 100.0,
+) -> np.ndarray:
+    """``labels`` with each family row's (``candidates``: row -> its candidate classes) set to
+    the candidate of highest logit, ``argmax_{c in candidates} f . t_c`` (candidates outside
+    the heads ignored; a row with none in them keeps its label)."""
+    out = np.array(labels, dtype=np.int64, copy=True)
+    if not candidates:
+        return out
+    rows = np.array(sorted(candidates), dtype=np.int64)
+    c = len(heads)
+    allowed = np.zeros((len(rows), c), dtype=bool)
+    for k, r in enumerate(rows.tolist()):
+        cs = [x for x in candidates[r] if 0 <= x < c]
+        allowed[k, cs] = True
+    logits = logit_scale * (np.asarray(feats[rows], np.float32) @ np.asarray(heads, np.float32).T)
+    logits = np.where(allowed, logits, -np.inf)
+    some = allowed.any(axis=1)
+    out[rows[some]] = np.argmax(logits[some], axis=1)
+    return out
+
+
 def clip_score_decision(
-    uids: np.ndarray, labels: np.ndarray, feats: np.ndarray, heads: np.ndarray, cfg: SelectConfig
+    uids: np.ndarray,
+    labels: np.ndarray,
+    feats: np.ndarray,
+    heads: np.ndarray,
+    cfg: SelectConfig,
+    candidates: dict[int, list[int]] | None = None,
 ) -> pa.Table:
     """The CLIP-score rule over a pool: one row per pool image, in pool order.
 
-    Columns: uid, label, score (= prob), kept, reason (``kept``, ``label_unknown`` for a label
-    outside the text heads, ``label_disagrees``, ``below_min_prob``; the first that applies),
-    pred (zero-shot class), prob (softmax probability of the caption label).
+    ``candidates`` (row -> classes): family rows, labelled first by
+    :func:`choose_among_candidates`. Columns: uid, label (the chosen class for a family row),
+    score (= prob), kept, reason (``kept``, ``label_unknown`` for a label outside the text
+    heads, ``label_disagrees``, ``below_min_prob``; the first that applies), pred (zero-shot
+    class), prob (softmax probability of the label), pool_label (the caption's label).
     """
-    labels = np.asarray(labels, np.int64)
+    pool_labels = np.asarray(labels, np.int64)
+    labels = choose_among_candidates(pool_labels, feats, heads, candidates or {}, cfg.logit_scale)
     preds, prob = zero_shot(feats, heads, cfg.logit_scale, cfg.batch, labels)
     valid = (labels >= 0) & (labels < heads.shape[0])
     agree = preds == labels
@@ -188,6 +224,7 @@ def clip_score_decision(
             "reason": pa.array(reason.tolist(), pa.string()),
             "pred": pa.array(preds.astype(np.int32)),
             "prob": pa.array(prob),
+            "pool_label": pa.array(pool_labels.astype(np.int32)),
         }
     )
 
@@ -305,10 +342,21 @@ def run_clip_filter(
     te = E.load_text(text)
     heads = te.heads("template")
     _check_dims({pool: feats, text: heads})
+    family = E.pool_candidates(root)
+    cands = (
+        {
+            i: family[(u, int(lb))]
+            for i, (u, lb) in enumerate(zip(uids.tolist(), labels.tolist()))
+            if (u, int(lb)) in family
+        }
+        if family
+        else {}
+    )
     t1 = time.perf_counter()
-    table = clip_score_decision(uids, labels, feats, heads, cfg)
+    table = clip_score_decision(uids, labels, feats, heads, cfg, cands)
     t2 = time.perf_counter()
     stats = decision_stats(table, te.num_classes, list(te.classnames))
+    stats["family_rows"] = len(cands)  # labelled by zero-shot among their candidates
     meta = {
         "filter": "clip",
         "pool": root,

@@ -23,6 +23,7 @@ from pipeline.text_filter.hashing import (
     _uid_words,
     murmur3_128,
 )
+from pipeline.text_filter.resolve import AMBIGUOUS, CONTRADICTED, EXCLUDED_ROW, NONE
 
 
 def resolve_columns(schema: pa.Schema, mapping: dict, where: str) -> dict[str, str]:
@@ -98,10 +99,16 @@ def filter_batch(
     ``source_row``, its row in that file (``first_row`` is the batch's first row there).
 
     Counts every row into ``stats`` by outcome: ``rows_scanned``, drops by reason
-    (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``ambiguous``, then for
-    matches ``null_or_empty_url``, ``url_with_control_character``, ``too_small``,
-    ``unsafe``, ``low_similarity``) and
-    ``rows_matched``.
+    (``null_or_empty_caption``, ``caption_too_long``, ``no_match``, ``excluded``,
+    ``contradicted``, ``ambiguous``, then for matches ``null_or_empty_url``,
+    ``url_with_control_character``, ``too_small``, ``unsafe``, ``low_similarity``),
+    ``rows_matched`` and ``rows_family`` (matches kept with several candidate classes); and
+    per class (keys ``<prefix><label>``, see :data:`PER_CLASS`) the rows excluded or
+    contradicted and the family rows that list it.
+
+    The ``candidates`` column lists each row's candidate classes: the label alone, or for a
+    family row (a caption naming a family of classes, not which member) all of them, the
+    label being the smallest.
     """
     return _filter_batch(batch, cols, matcher, cfg, classes, stats, source_file, first_row)[0]
 
@@ -145,18 +152,42 @@ def _filter_batch(
     )
     result = matcher.match(to_match)
     label = result.label
-    stats["dropped_no_match"] += int(((label == -1) & usable).sum())
+    stats["dropped_no_match"] += int(((label == NONE) & usable).sum())
+    stats["dropped_excluded"] += int((label == EXCLUDED_ROW).sum())
+    stats["dropped_contradicted"] += int((label == CONTRADICTED).sum())
+    for code, prefix in (
+        (EXCLUDED_ROW, PER_CLASS["excluded"]),
+        (CONTRADICTED, PER_CLASS["contradicted"]),
+    ):
+        lab = result.out_label[label[result.out_row] == code]
+        _count_classes(stats, prefix, lab)
     single = np.flatnonzero(label >= 0)
     rows, labs, terms = single, label[single], result.term[single]
+    # Candidate lists (CSR): a row's list is cands[c_off[cid]:c_off[cid + 1]]; cid -1: [label].
+    c_rows, c_start = np.unique(result.cand_row, return_index=True)
+    cid = np.full(len(label), -1, dtype=np.int64)
+    cid[c_rows] = np.arange(len(c_rows))
+    cid = cid[single]
+    c_off = np.r_[c_start, len(result.cand_row)].astype(np.int64)
+    cands = result.cand_label
     if cfg.keep_ambiguous:
         # An ambiguous row once under each class it names; rows stay in file order.
+        e_ids, e_start = np.unique(result.amb_cand_entry, return_index=True)
+        e_cid = np.full(len(result.amb_row), -1, dtype=np.int64)
+        e_cid[e_ids] = len(c_rows) + np.arange(len(e_ids))
+        c_off = np.r_[
+            c_start, len(result.cand_row) + e_start, len(cands) + len(result.amb_cand_label)
+        ]
+        c_off = c_off.astype(np.int64)
+        cands = np.concatenate([cands, result.amb_cand_label])
         rows = np.concatenate([rows, result.amb_row])
         labs = np.concatenate([labs, result.amb_label])
         terms = np.concatenate([terms, result.amb_term])
+        cid = np.concatenate([cid, e_cid])
         order = np.lexsort((labs, rows))
-        rows, labs, terms = rows[order], labs[order], terms[order]
+        rows, labs, terms, cid = rows[order], labs[order], terms[order], cid[order]
     else:
-        stats["dropped_ambiguous"] += int((label == -2).sum())
+        stats["dropped_ambiguous"] += int((label == AMBIGUOUS).sum())
     if not len(rows):
         return _empty_output(cols), np.zeros((0, 16), np.uint8)
     idx = pa.array(rows, pa.int64())
@@ -202,13 +233,14 @@ def _filter_batch(
         keep &= ~low
     if not keep.all():
         k = np.flatnonzero(keep)
-        rows, labs, terms = rows[k], labs[k], terms[k]
+        rows, labs, terms, cid = rows[k], labs[k], terms[k], cid[k]
         extra = {c: v.take(pa.array(k)) for c, v in extra.items()}
         url_sel = url_sel.take(pa.array(k))
     url_sel = _as_string(url_sel)
     cap_sel = _as_string(captions.take(pa.array(rows)))
     labels = pa.array(labs.astype(np.int32))
     uid_digests = _uid_digests(url_sel, cap_sel)  # after the filters: hashing is per kept row
+    candidates, family_labels = _candidates(labs, cid, c_off, cands)
     table = pa.table(
         {
             "uid": _hex_strings(uid_digests),
@@ -219,6 +251,7 @@ def _filter_batch(
             "matched_term": pa.array([t.text for t in matcher.terms], pa.string()).take(
                 pa.array(terms)
             ),
+            "candidates": candidates,
             # Where the row is: precomputed embeddings aligned with the file are read by row.
             "source_file": pa.repeat(pa.scalar(source_file, pa.string()), len(rows)),
             "source_row": pa.array(rows.astype(np.int64) + first_row, pa.int64()),
@@ -226,7 +259,58 @@ def _filter_batch(
         }
     )
     stats["rows_matched"] += table.num_rows
+    family = cid >= 0
+    stats["rows_family"] += int(family.sum())
+    if family.any():
+        _count_classes(stats, PER_CLASS["family"], family_labels)
     return table, uid_digests
+
+
+# Per-class counts in a batch's stats: key prefix + class index.
+PER_CLASS = {k: f"per_class_{k}/" for k in ("excluded", "contradicted", "family")}
+
+
+def split_per_class(stats: Counter) -> tuple[dict, dict]:
+    """A scan unit's stats as ``(counts, {"per_class_<what>": {label: rows}})``."""
+    counts: dict = {}
+    per: dict = {f"per_class_{k}": {} for k in PER_CLASS}
+    for key, value in stats.items():
+        prefix, _, label = key.partition("/")
+        if label and prefix in per:
+            per[prefix][label] = int(value)
+        else:
+            counts[key] = value
+    return counts, per
+
+
+def _count_classes(stats: Counter, prefix: str, labels: np.ndarray) -> None:
+    if len(labels):
+        values, counts = np.unique(labels, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            stats[f"{prefix}{v}"] += c
+
+
+def _candidates(
+    labs: np.ndarray, cid: np.ndarray, c_off: np.ndarray, cands: np.ndarray
+) -> tuple[pa.Array, np.ndarray]:
+    """The ``candidates`` column (``[label]``, or for a family row, ``cid`` >= 0, its list
+    ``cands[c_off[cid]:c_off[cid + 1]]``), and the candidates of the family rows."""
+    fam = cid >= 0
+    lengths = np.ones(len(cid), dtype=np.int64)
+    lengths[fam] = c_off[cid[fam] + 1] - c_off[cid[fam]]
+    offsets = np.r_[0, np.cumsum(lengths)]
+    values = np.repeat(labs, lengths)
+    fam_values = np.zeros(0, dtype=np.int64)
+    if fam.any():
+        n = lengths[fam]
+        item = np.repeat(np.arange(len(n)), n)
+        within = np.arange(len(item)) - np.repeat(np.cumsum(n) - n, n)
+        fam_values = cands[c_off[cid[fam]][item] + within]
+        values[offsets[:-1][fam][item] + within] = fam_values
+    column = pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32))
+    )
+    return column, fam_values
 
 
 def _output_schema(cols: dict[str, str]) -> pa.Schema:
@@ -237,6 +321,7 @@ def _output_schema(cols: dict[str, str]) -> pa.Schema:
         pa.field("label", pa.int32()),
         pa.field("class_name", pa.string()),
         pa.field("matched_term", pa.string()),
+        pa.field("candidates", pa.list_(pa.int32())),
         pa.field("source_file", pa.string()),
         pa.field("source_row", pa.int64()),
     ]

@@ -39,8 +39,9 @@ SCAN_DIR = "_scan"
 # The layout of the scan parts and their keys files; a failed run's scans of another layout are
 # not reused. 2: URL keys are MurmurHash3-128 (BLAKE2b-128 before). 3: a part per scan unit
 # (a file, or a run of a large file's row groups), numbered in input order. 4: matches whose URL
-# holds a control character are dropped by the scan. 5: matches carry source_file and source_row.
-SCAN_FORMAT = 5
+# holds a control character are dropped by the scan. 5: parts carry ``candidates``; stats count
+# excluded, contradicted and family rows. 6: matches carry source_file and source_row.
+SCAN_FORMAT = 6
 
 
 # Underscore names: pyarrow.dataset.dataset(out) skips them and reads the parquet parts alone.

@@ -140,6 +140,7 @@ def scan(
     tok_hash,
     tok_id,
     tok_bits,
+    start_bits,
     tok_bytes,
     tok_off,
     root_next,
@@ -185,7 +186,13 @@ def scan(
         for k in range(U(nt)):
             h = th[k] * U(0x9E3779B97F4A7C15)
             slot = h >> tshift
-            if not (tok_bits[slot >> U(3)] >> (slot & U(7))) & U(1):  # an empty slot: unknown
+            # At the root (most tokens), only a pattern's first token can move: one bitmap of
+            # their home slots rules out the rest, unknown or not. Past the root, an empty slot
+            # means an unknown token, which goes back to it.
+            if state == 0:
+                if not (start_bits[slot >> U(3)] >> (slot & U(7))) & U(1):
+                    continue
+            elif not (tok_bits[slot >> U(3)] >> (slot & U(7))) & U(1):
                 state = 0
                 continue
             tid = -1

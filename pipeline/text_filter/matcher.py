@@ -7,10 +7,13 @@ Rules (a superset of the reference's SQLite FTS phrase query ``TEXT MATCH '"<nam
   class names alike (``Rolls-Royce`` == ``rolls royce``, ``men's`` == ``men s``);
 - whole tokens only (``cat`` never inside ``catalog``, ``172`` never inside ``1720``);
 - the simple English plural of a term's last token also matches (``s``, ``es``,
-  ``y`` -> ``ies``);
+  ``y`` -> ``ies``), and letters and digits written together or apart match each other
+  (``F150`` = ``F-150``; :func:`pipeline.text_filter.terms.token_variants`);
 - per-class synonyms match as their class;
 - a match inside a longer match of another class does not count (``rose`` in ``desert rose``);
-- a caption that still names two or more classes is *ambiguous*.
+- a caption that still names two or more classes is *ambiguous*;
+- the dataset's match rules beyond names (families, exclusions, kind words, years) are applied
+  to every engine's hits by :mod:`pipeline.text_filter.resolve`.
 
 Engines (``auto`` picks the first that imports; all give the same answers, and the tests hold
 them to it):
@@ -55,11 +58,19 @@ import html
 import logging
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.text_filter import terms as _terms
+from pipeline.text_filter.resolve import AMBIGUOUS, NONE, BatchMatches, resolve
+from pipeline.text_filter.terms import MatchRules, Term
+
+__all__ = [
+    "AMBIGUOUS", "ENGINES", "NONE", "BatchMatches", "Matcher", "MatchRules", "Term",
+    "normalize_text", "normalize_texts",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +144,6 @@ def normalize_texts(texts: Sequence[str]) -> list[str]:
     return [" ".join(data[off[i] : off[i + 1]].decode("utf-8").split()) for i in range(len(texts))]
 
 
-def _plural_forms(last: str) -> list[str]:
-    """The token and its simple English plural: ``y`` after a consonant -> ``ies``;
-    ``s``/``x``/``z``/``ch``/``sh`` -> ``es``; ``o`` -> ``s`` or ``es``; else ``s``."""
-    if not last or not last[-1].isalpha():
-        return [last]  # "172s" is not a plural anyone writes for a number
-    if len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
-        return [last, last[:-1] + "ies"]
-    if last.endswith(("s", "x", "z", "ch", "sh")):
-        return [last, last + "es"]
-    if last.endswith("o"):
-        return [last, last + "s", last + "es"]
-    return [last, last + "s"]
-
-
 # Engines, fastest first (bench/text_filter.py); ``auto`` takes the first whose module imports.
 ENGINES = ("tokens", "hyperscan", "ahocorasick")
 _ENGINE_MODULE = {"tokens": "numba", "hyperscan": "hyperscan", "ahocorasick": "ahocorasick_rs"}
@@ -156,70 +153,13 @@ _HS_CACHE: dict = {}
 _AC_CACHE: dict = {}
 
 
-@dataclass(frozen=True)
-class Term:
-    """One searchable phrase: its normalised tokens, the class it names, and its source text."""
-
-    tokens: tuple[str, ...]
-    label: int
-    text: str
-
-
-def build_terms(
-    classes: Sequence[str], synonyms: Mapping[str, Iterable[str]] | None = None
-) -> list[Term]:
-    """Terms for every class name and synonym (normalised; empty ones skipped).
-
-    Raises ``ValueError`` for synonyms of a class that is not in ``classes``.
-    """
-    index = {c: i for i, c in enumerate(classes)}
-    raw: list[tuple[str, int]] = [(c, i) for i, c in enumerate(classes)]
-    for name, syns in (synonyms or {}).items():
-        if name not in index:
-            raise ValueError(f"synonyms given for unknown class {name!r}")
-        raw.extend((s, index[name]) for s in syns)
-    terms, seen = [], set()
-    for (text, label), norm in zip(raw, normalize_texts([t for t, _ in raw])):
-        tokens = tuple(norm.split())
-        if not tokens or (tokens, label) in seen:
-            continue
-        seen.add((tokens, label))
-        terms.append(Term(tokens, label, text))
-    return terms
-
-
-@dataclass
-class BatchMatches:
-    """Per-row outcome of matching one batch.
-
-    ``label[i]`` is the class of row ``i`` (-1: no match, -2: ambiguous); ``term[i]`` the
-    index (into ``Matcher.terms``) of the term that decided it. ``amb_row``, ``amb_label``,
-    ``amb_term`` (int64, sorted by row then label) list every class an ambiguous row names,
-    with the first term (by position) that names it (for ``keep_ambiguous``).
-    """
-
-    label: np.ndarray
-    term: np.ndarray
-    amb_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    amb_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    amb_term: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-    @property
-    def labels_all(self) -> dict[int, list[tuple[int, int]]]:
-        """``{row: [(label, term), ...]}`` of the ambiguous rows, by label."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for r, la, te in zip(
-            self.amb_row.tolist(), self.amb_label.tolist(), self.amb_term.tolist()
-        ):
-            out.setdefault(r, []).append((la, te))
-        return out
-
-
 class Matcher:
-    """Multi-pattern caption matcher for one dataset's class names and synonyms.
+    """Multi-pattern caption matcher for one dataset's match rules.
 
-    ``engine`` is ``auto`` (the first of :data:`ENGINES` that imports), or one of
-    :data:`ENGINES`. Raises ``ValueError`` when no class name has a token, ``ImportError``
+    ``Matcher(classes, synonyms, engine, **rules)`` or :meth:`from_rules`; ``rules`` are the
+    other fields of :class:`pipeline.text_filter.terms.MatchRules` (families, exclusions, kind
+    words, years). ``engine`` is ``auto`` (the first of :data:`ENGINES` that imports), or one
+    of :data:`ENGINES`. Raises ``ValueError`` when no class name has a token, ``ImportError``
     when the engine asked for is not installed.
     """
 
@@ -228,23 +168,25 @@ class Matcher:
         classes: Sequence[str],
         synonyms: Mapping[str, Iterable[str]] | None = None,
         engine: str = "auto",
+        **rules,
     ):
-        self.classes = list(classes)
-        self.terms = build_terms(classes, synonyms)
-        if not self.terms:
+        self.rules = MatchRules(tuple(classes), synonyms or {}, **rules)
+        self.classes = list(self.rules.classes)
+        built = _terms.build(self.rules)
+        for problem in built.problems:  # load_dataset refuses these; a direct caller is warned
+            log.warning("matcher: %s", problem)
+        self.terms = built.terms
+        self.owners = built.owners
+        if not any(t.label >= 0 for t in self.terms):
             raise ValueError("no class names to match")
         self.engine = self._pick_engine(engine)
-        # Each variant (term x plural form) is one literal pattern " tok tok "; pattern -> term.
-        variants: list[tuple[str, ...]] = []
-        pattern_term: list[int] = []
-        for ti, term in enumerate(self.terms):
-            for last in _plural_forms(term.tokens[-1]):
-                variants.append(term.tokens[:-1] + (last,))
-                pattern_term.append(ti)
-        self._pattern_term = np.array(pattern_term, dtype=np.int64)
+        # Each pattern (a term's variant or plural form) is one literal " tok tok ".
+        variants = built.patterns
+        self._pattern_term = built.pattern_term
+        self._term_owner = np.array([t.owner for t in self.terms], dtype=np.int64)
+        self._pattern_wide = np.array([len(v) > 1 for v in variants], dtype=bool)
         patterns = [(" " + " ".join(v) + " ").encode() for v in variants]
         self._pattern_len = np.array([len(p) for p in patterns], dtype=np.int64)
-        self._term_label = np.array([t.label for t in self.terms], dtype=np.int64)
         if self.engine == "tokens":
             from pipeline.text_filter import token_ac as _token_ac
 
@@ -265,6 +207,12 @@ class Matcher:
             self._ac = ahocorasick_rs.BytesAhoCorasick(
                 patterns, implementation=ahocorasick_rs.Implementation.DFA
             )
+
+    @classmethod
+    def from_rules(cls, rules: MatchRules, engine: str = "auto") -> Matcher:
+        """The matcher of a dataset's :class:`MatchRules`."""
+        d = rules.to_dict()
+        return cls(d.pop("classes"), d.pop("synonyms"), engine, **d)
 
     @staticmethod
     def _pick_engine(engine: str) -> str:
@@ -375,13 +323,11 @@ class Matcher:
     def match(self, captions: pa.Array) -> BatchMatches:
         """Match a batch of captions (a string array; nulls never match).
 
-        Returns :class:`BatchMatches`.
+        Returns :class:`pipeline.text_filter.resolve.BatchMatches`.
         """
         n = len(captions)
-        label = np.full(n, -1, dtype=np.int64)
-        term = np.full(n, -1, dtype=np.int64)
         if n == 0:
-            return BatchMatches(label, term)
+            return BatchMatches(np.zeros(0, np.int64), np.zeros(0, np.int64))
         if self.engine == "tokens":
             rows, start, end, pid = self._token_hits(captions)
         else:
@@ -393,52 +339,15 @@ class Matcher:
             ok = valid[brow]
             pid, start, rows = pid[ok], start[ok], row_of[brow[ok]]
             end = start + self._pattern_len[pid]
-        if len(pid) == 0:
-            return BatchMatches(label, term)
         terms = self._pattern_term[pid]
-        labels = self._term_label[terms]
-        order = np.lexsort((start, rows))
-        start, end, rows, terms, labels = (x[order] for x in (start, end, rows, terms, labels))
-        # Rows naming exactly one class (the common case) resolve at once.
-        first = np.r_[True, rows[1:] != rows[:-1]]
-        gstart = np.flatnonzero(first)
-        single = np.minimum.reduceat(labels, gstart) == np.maximum.reduceat(labels, gstart)
-        label[rows[gstart[single]]] = labels[gstart[single]]
-        term[rows[gstart[single]]] = terms[gstart[single]]
-        if single.all():
-            return BatchMatches(label, term)
-        # Rows naming several classes: drop every hit that lies inside a longer hit of another
-        # class (pairwise within the row; rows hold a handful of hits).
-        group = np.cumsum(first) - 1
-        gsize = np.diff(np.r_[gstart, len(rows)])
-        multi = np.flatnonzero(~single[group])
-        k = gsize[group[multi]]
-        j = np.repeat(multi, k)
-        i = gstart[group[j]] + (np.arange(len(j)) - np.repeat(np.cumsum(k) - k, k))
-        inside = (
-            (start[i] <= start[j])
-            & (end[j] <= end[i])
-            & (end[j] - start[j] < end[i] - start[i])
-            & (labels[i] != labels[j])
-        )
-        dropped = np.zeros(len(rows), dtype=bool)
-        dropped[j[inside]] = True
-        keep = multi[~dropped[multi]]
-        r, lab, t = rows[keep], labels[keep], terms[keep]
-        kfirst = np.r_[True, r[1:] != r[:-1]]
-        ks = np.flatnonzero(kfirst)
-        one = np.minimum.reduceat(lab, ks) == np.maximum.reduceat(lab, ks)
-        label[r[ks]] = np.where(one, lab[ks], -2)
-        term[r[ks]] = t[ks]
-        # Ambiguous rows: the first term (by position) of each class they name.
-        amb = ~one[np.cumsum(kfirst) - 1]
-        if not amb.any():
-            return BatchMatches(label, term)
-        r, lab, t = r[amb], lab[amb], t[amb]
-        o = np.lexsort((lab, r))  # stable: position order within (row, label)
-        r, lab, t = r[o], lab[o], t[o]
-        firsts = np.r_[True, (r[1:] != r[:-1]) | (lab[1:] != lab[:-1])]
-        return BatchMatches(label, term, r[firsts], lab[firsts], t[firsts])
+        years = None
+        if self.owners.class_year.any():
+            # Years only matter in captions that name a class: found there, not by the scan.
+            named = np.unique(rows[self.owners.kind[self._term_owner[terms]] <= _terms.FAMILY])
+            y_rows, y_vals = _terms.caption_years(_as_strings(captions).take(pa.array(named)))
+            years = (named[y_rows], y_vals)
+        wide = self._pattern_wide[pid]
+        return resolve(n, rows, start, end, terms, self._term_owner, self.owners, years, wide)
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import io
-from pipeline.text_filter.batch import _empty_output, _filter_batch, match_keys, resolve_columns
+from pipeline.text_filter.batch import (
+    _empty_output,
+    _filter_batch,
+    match_keys,
+    resolve_columns,
+    split_per_class,
+)
 from pipeline.text_filter.config import SCAN_DIR, TextFilterConfig
 from pipeline.text_filter.global_filters import _first_of_runs, _sort_keys
 from pipeline.text_filter.parts import (
@@ -27,6 +33,7 @@ from pipeline.text_filter.parts import (
     _piece_paths,
 )
 from pipeline.text_filter.plan import ScanUnit
+from pipeline.text_filter.terms import MatchRules
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +57,13 @@ def _write_part(table: pa.Table, f) -> None:
 _MATCHER: dict = {}
 
 
-def _matcher(classes: list[str], synonyms: dict, engine: str):
+def _matcher(rules: MatchRules, engine: str):
     from pipeline.text_filter.matcher import Matcher
 
-    key = (tuple(classes), tuple((k, tuple(v)) for k, v in sorted(synonyms.items())), engine)
+    key = (rules.key(), engine)
     if key not in _MATCHER:
         _MATCHER.clear()
-        _MATCHER[key] = Matcher(classes, synonyms, engine=engine)
+        _MATCHER[key] = Matcher.from_rules(rules, engine=engine)
     return _MATCHER[key]
 
 
@@ -73,8 +80,7 @@ def scan_file(
     url: str,
     out: str,
     cfg: TextFilterConfig,
-    classes: list[str],
-    synonyms: dict,
+    rules: MatchRules,
     publish: Callable[[Callable[[], None]], None] | None = None,
     row_groups: tuple[int, int] | None = None,
 ) -> dict:
@@ -99,7 +105,8 @@ def scan_file(
     # Only reading is guarded: a file that cannot be read is bad input (named, or skipped and
     # listed); an error in the matching code is a bug and always fails the job.
     tables, uid_digests = [], []
-    matcher = _matcher(classes, synonyms, cfg.engine)
+    matcher = _matcher(rules, cfg.engine)
+    classes = list(rules.classes)
     try:
         with _open_input(url) as fh:
             pf = pq.ParquetFile(fh)
@@ -183,10 +190,12 @@ def scan_file(
             f.write(keys.view(np.uint8))  # its bytes, not a copy
         timings["write_s"] += time.perf_counter() - t
         labels, label_counts = np.unique(keys["label"], return_counts=True)
+        counts, per_class_counts = split_per_class(stats)
         result = {
             "file": url,
             **piece,
-            "counts": dict(stats),
+            "counts": counts,
+            **per_class_counts,
             "per_class": {str(k): int(v) for k, v in zip(labels.tolist(), label_counts.tolist())},
             # publish_s, the commit's own time, is added by it (and so is in the marker).
             "timings": {**timings, "total_s": time.perf_counter() - t0},
@@ -206,8 +215,7 @@ def scan_files(
     files: list[ScanUnit] | list[tuple[int, str]],
     out: str,
     cfg: TextFilterConfig,
-    classes: list[str],
-    synonyms: dict,
+    rules: MatchRules,
 ) -> list[dict]:
     """:func:`scan_file` over one task's scan units (:class:`ScanUnit`, or ``(index, url)``
     for whole files) in order; their stats.
@@ -242,9 +250,7 @@ def scan_files(
                 raise_failed()  # no more work behind a commit that failed (a full disk)
                 index, url, *rest = unit
                 results.append(
-                    scan_file(
-                        index, url, out, cfg, classes, synonyms, publish, rest[0] if rest else None
-                    )
+                    scan_file(index, url, out, cfg, rules, publish, rest[0] if rest else None)
                 )
             wait(pending)
             raise_failed()

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.core import fingerprint, io
 from pipeline.core.config import DatasetSpec, load_dataset, to_dict
+from pipeline.text_filter.batch import PER_CLASS
 from pipeline.text_filter.config import CONFIG, SCAN_DIR, SCAN_FORMAT, STATS, TextFilterConfig
 from pipeline.text_filter.global_filters import global_pass
 from pipeline.text_filter.parts import (
@@ -30,7 +31,10 @@ from pipeline.text_filter.parts import (
 )
 from pipeline.text_filter.plan import ScanUnit, check_inputs, plan_units, task_groups
 from pipeline.text_filter.scan import _check_scan_fingerprint, scan_files
+from pipeline.text_filter.terms import MatchRules
 from pipeline.text_filter.write import _publish_part, finalize_part
+
+PER_CLASS_KEYS = [f"per_class_{k}" for k in PER_CLASS]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ class Plan:
 @dataclass
 class Scanned:
     """The scan's outcome: per unit its stats (``results``, in unit order), the units whose
-    file is good (``done``) and their match counts, the Spark tasks and the wall time."""
+    file is good (``done``) and their match counts, the Spark tasks, the wall time, and the
+    per-class counts of excluded, contradicted and family rows."""
 
     results: list[dict]
     done: list[int]
@@ -61,6 +66,7 @@ class Scanned:
     timings: Counter
     tasks: int
     seconds: float
+    per_class: dict[str, Counter]  # "per_class_excluded" ... -> label -> rows
 
 
 def plan(cfg: TextFilterConfig, spec: DatasetSpec, metadata: str, out: str) -> Plan:
@@ -87,8 +93,8 @@ def plan(cfg: TextFilterConfig, spec: DatasetSpec, metadata: str, out: str) -> P
                 for k, v in to_dict(cfg).items()
                 if k not in ("task_rows", "split_rows", "global_memory_mb")
             },
-            "classes": list(spec.classes),
-            "synonyms": _synonyms(spec),
+            # Every match rule: a changed exclusion list, family or kind word rescans.
+            "rules": MatchRules.from_spec(spec).to_dict(),
             "files": files,
             "units": [list(u) for u in units],
             "scan_format": SCAN_FORMAT,
@@ -97,16 +103,12 @@ def plan(cfg: TextFilterConfig, spec: DatasetSpec, metadata: str, out: str) -> P
     return Plan(files, bad, units, unit_rows)
 
 
-def _synonyms(spec: DatasetSpec) -> dict[str, list[str]]:
-    return {k: list(v) for k, v in spec.synonyms.items()}
-
-
 def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Scanned:
     """Scan every unit not yet scanned in Spark tasks (results come back in unit order); a file
     with an unreadable piece is left out whole, as when it is one unit."""
     from pipeline.core.spark import JobProgress
 
-    classes, synonyms = list(spec.classes), _synonyms(spec)
+    rules = MatchRules.from_spec(spec)
     options = io.configured()
     # Units a failed run already scanned (their stats marker exists) cost nothing: grouped by
     # the rows still to scan only.
@@ -118,7 +120,7 @@ def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Sca
         with JobProgress(sc, "scan", len(groups)):
             results = (
                 sc.parallelize(groups, max(1, len(groups)))
-                .flatMap(lambda g: _in_task(options, scan_files, g, out, cfg, classes, synonyms))
+                .flatMap(lambda g: _in_task(options, scan_files, g, out, cfg, rules))
                 .collect()
             )
     except Exception as e:
@@ -130,13 +132,16 @@ def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Sca
     good = [(u, r) for u, r in zip(p.units, results) if u.url not in p.bad]
     counts: Counter = Counter()
     timings: Counter = Counter()
+    per_class: dict[str, Counter] = {k: Counter() for k in PER_CLASS_KEYS}
     for _, r in good:
         counts.update(r.get("counts", {}))
+        for k in PER_CLASS_KEYS:
+            per_class[k].update({int(c): int(v) for c, v in r.get(k, {}).items()})
     for r in results:
         timings.update(r.get("timings", {}))
     done = [u.index for u, _ in good]
     matched = [int(r["counts"]["rows_matched"]) for _, r in good]
-    return Scanned(results, done, matched, counts, timings, len(groups), seconds)
+    return Scanned(results, done, matched, counts, timings, len(groups), seconds, per_class)
 
 
 def global_filters(
@@ -254,6 +259,13 @@ def _stats(
         },
         "per_class": {spec.classes[c]: int(per_class[c]) for c in range(spec.num_classes)},
         "empty_classes": [spec.classes[c] for c in range(spec.num_classes) if not per_class[c]],
+        # Matches (before the global filters) whose caption names a family of classes, not
+        # which member: kept with all of them as candidates (the image stage picks).
+        "family_rows": int(counts.get("rows_family", 0)),
+        **{
+            k: {spec.classes[c]: n for c, n in sorted(s.per_class[k].items())}
+            for k in PER_CLASS_KEYS
+        },
         "timings": {
             "scan_wall_s": round(s.seconds, 3),
             "task_read_s": round(timings.get("read_s", 0.0), 3),
