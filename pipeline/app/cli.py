@@ -21,6 +21,7 @@ log = logging.getLogger("primer")
 COMMAND_MODULES: list[str] = [
     "pipeline.app.cli",  # classes, config (below)
     "pipeline.text_filter.stage",
+    "pipeline.caption_filter.stage",
     "pipeline.download.stage",
     "pipeline.embed.stage",
     "pipeline.select.filters",

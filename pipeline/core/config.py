@@ -57,6 +57,9 @@ class DatasetSpec:
     layout: str = "imagefolder"
     source: str = ""
     path: str = ""
+    # What the class names are, in a few words ("a type of flower"): the caption sense filter
+    # reads a caption's class name in this sense. Empty: the templates say it.
+    sense: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +69,15 @@ class DatasetSpec:
         """The class's name formatted into every template."""
         name = self.classes[class_index]
         return [t.replace("{}", name) for t in self.templates]
+
+    def sense_of(self, class_index: int) -> str:
+        """The sense the class's name is meant in: the first CuPL description where the dataset
+        has them (a gloss of that very class), else ``sense`` (the dataset's domain), else the
+        first template filled with the name."""
+        described = self.class_descriptions(class_index)
+        if described:
+            return described[0]
+        return self.sense or self.prompts(class_index)[0]
 
     def class_descriptions(self, class_index: int) -> list[str]:
         """CuPL-style sentences for the class (empty when there is no descriptions file)."""
@@ -182,6 +194,7 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
         layout=str(raw.get("layout") or "imagefolder"),
         source=str(raw.get("source") or ""),
         path=str(path),
+        sense=str(raw.get("sense") or "").strip(),
     )
 
 
