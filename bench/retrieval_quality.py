@@ -83,7 +83,7 @@ def score_rows(rows: list[dict], cfg: CaptionFilterConfig, encode) -> None:
         by_ds.setdefault(r["dataset"], []).append(r)
     for name, rs in by_ds.items():
         spec = load_dataset(name)
-        index = build_index(spec, cfg.templates, cfg.negatives, encode)
+        index = build_index(spec, cfg.templates, cfg.negatives_of(name), encode)
         found = text_filter_labels(spec, [r["caption"] for r in rs])
         for r, lab in zip(rs, found):
             wanted = [spec.classes.index(c) for c in r["classes"]]

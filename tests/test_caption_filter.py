@@ -54,6 +54,7 @@ def test_yaml_defaults_agree_with_the_dataclass():
         ({"batch_size": 0}, "batch_size"),
         ({"templates": ["a photo"]}, "templates"),
         ({"negatives": []}, "negatives"),
+        ({"negatives_for": {"ImageNet-R": []}}, "negatives_for"),
         ({"thresholds": {"Flowers102": "high"}}, "thresholds"),
         ({"thresold": 0.1}, "unknown key"),
     ],
@@ -377,3 +378,21 @@ def test_unreadable_match_file_fails_naming_it_or_is_listed(matches, tmp_path):
     )
     assert list(stats["bad_files"]) == [bad] and "cannot" not in json.dumps(stats["per_class"])
     assert stats["rows_in"] == len(CAPTIONS)
+
+
+def test_datasets_of_renditions_keep_graphics_and_tattoos(minilm):
+    """ImageNet-R's images are renditions: a cartoon or a tattoo of a goldfish shows the class,
+    so its negatives leave graphics out and such captions pass; photos score as for ImageNet."""
+    cfg = CaptionFilterConfig(device="cpu")
+    assert len(cfg.negatives_of("ImageNet-R")) < len(cfg.negatives_of("ImageNet"))
+    captions = ["cartoon illustration of a goldfish", "a goldfish tattoo on the arm"]
+    photo = ["goldfish swimming in a glass bowl"]
+    scores = {}
+    for name in ("ImageNet", "ImageNet-R"):
+        spec = load_dataset(name)
+        index = build_index(spec, cfg.templates, cfg.negatives_of(name), minilm.encode)
+        label = np.array([spec.classes.index("goldfish")] * 3)
+        scores[name] = sense_scores(minilm.encode(captions + photo), label, index)
+    assert (scores["ImageNet-R"][:2] >= cfg.threshold_for("ImageNet-R")).all()
+    assert (scores["ImageNet-R"][:2] > scores["ImageNet"][:2] + 0.1).all()
+    assert abs(scores["ImageNet-R"][2] - scores["ImageNet"][2]) < 1e-5

@@ -24,6 +24,20 @@ DEFAULT_NEGATIVES = [
     "a company, a shop, a hotel or a restaurant name",
 ]
 
+# Datasets whose images are renditions (drawings, cartoons, tattoos, toys, sculptures, video
+# games): a graphic or a game is their class's sense, not another one, so their negatives leave
+# those out.
+RENDITION_NEGATIVES = [
+    "a product for sale: clothing, shoes, jewellery, a bag, a phone case, a mug, home decor",
+    "a person, a celebrity, an athlete or a sports team",
+    "a car part, a machine, a tool or an electronic device",
+    "a company, a shop, a hotel or a restaurant name",
+]
+DEFAULT_NEGATIVES_FOR = {
+    "ImageNet-R": list(RENDITION_NEGATIVES),
+    "ImageNet-Sketch": list(RENDITION_NEGATIVES),
+}
+
 # The class in its sense: ``{name}`` is the class name, ``{sense}`` what it is (the dataset
 # YAML's ``sense``, or the class's CuPL description). The prototype is their mean embedding.
 DEFAULT_TEMPLATES = ["a photo of a {name}, {sense}.", "{name}, {sense}", "{sense}"]
@@ -55,6 +69,8 @@ class CaptionFilterConfig:
             ``open_clip`` they are not used, ``threshold`` is).
         templates: prototype sentences of a class in its sense (``{name}``, ``{sense}``).
         negatives: sentences for the other senses a caption may use the name in.
+        negatives_for: dataset name -> its own negatives, replacing ``negatives`` (datasets of
+            renditions, whose class a graphic or a toy does show).
         skip_bad_files: an unreadable match file is listed in the stats instead of failing.
     """
 
@@ -65,6 +81,9 @@ class CaptionFilterConfig:
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     templates: list = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     negatives: list = field(default_factory=lambda: list(DEFAULT_NEGATIVES))
+    negatives_for: dict = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_NEGATIVES_FOR.items()}
+    )
     skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
@@ -81,11 +100,20 @@ class CaptionFilterConfig:
             problems.append("templates must be non-empty, each naming {name} or {sense}")
         if not self.negatives or any(not str(n).strip() for n in self.negatives):
             problems.append("negatives must be a non-empty list of sentences")
+        if any(
+            isinstance(v, str) or not v or any(not str(n).strip() for n in v)
+            for v in self.negatives_for.values()
+        ):
+            problems.append("negatives_for must map dataset names to non-empty lists of sentences")
         bad = [k for k, v in self.thresholds.items() if not isinstance(v, (int, float))]
         if bad:
             problems.append(f"thresholds must map dataset names to numbers (not {bad})")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def negatives_of(self, dataset: str) -> list[str]:
+        """The negative sentences for ``dataset``."""
+        return list(self.negatives_for.get(dataset) or self.negatives)
 
     def threshold_for(self, dataset: str) -> float:
         """The threshold for ``dataset`` (its calibrated one for the minilm encoder)."""

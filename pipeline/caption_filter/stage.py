@@ -1,5 +1,7 @@
 """Stage 1b: keep the text filter's matches whose caption uses the class name in the class's
-sense (:mod:`~pipeline.caption_filter.score`), one Spark task per match file.
+sense (a sentence encoder's score per row), one Spark task per match file.
+
+The score is :mod:`pipeline.caption_filter.score`'s; this module is its Spark shell.
 
 Input: a complete text-filter output (``_SUCCESS``; parquet parts with ``caption`` and
 ``label``). Output at ``--out``: ``part-<index>.parquet`` per match file in sorted order (its
@@ -52,11 +54,12 @@ def _scorer(cfg: CaptionFilterConfig, dataset: str, embed_cfg):
     from pipeline.caption_filter.encoders import load_encoder
 
     encoder = load_encoder(cfg, embed_cfg)
-    key = (dataset, encoder.name, tuple(cfg.templates), tuple(cfg.negatives))
+    key = (dataset, encoder.name, repr(cfg.templates), repr(cfg.negatives), repr(cfg.negatives_for))
     if key not in _INDEX:
         _INDEX.clear()
         spec = load_dataset(dataset)
-        _INDEX[key] = (spec, build_index(spec, cfg.templates, cfg.negatives, encoder.encode))
+        negatives = cfg.negatives_of(spec.name)
+        _INDEX[key] = (spec, build_index(spec, cfg.templates, negatives, encoder.encode))
     spec, index = _INDEX[key]
     return spec, encoder, index
 
