@@ -382,7 +382,7 @@ def test_unreadable_match_file_fails_naming_it_or_is_listed(matches, tmp_path):
 
 def test_datasets_of_renditions_keep_graphics_and_tattoos(minilm):
     """ImageNet-R's images are renditions: a cartoon or a tattoo of a goldfish shows the class,
-    so its negatives leave graphics out and such captions pass; photos score as for ImageNet."""
+    so its negatives leave graphics out and such captions pass."""
     cfg = CaptionFilterConfig(device="cpu")
     assert len(cfg.negatives_of("ImageNet-R")) < len(cfg.negatives_of("ImageNet"))
     captions = ["cartoon illustration of a goldfish", "a goldfish tattoo on the arm"]
@@ -395,4 +395,6 @@ def test_datasets_of_renditions_keep_graphics_and_tattoos(minilm):
         scores[name] = sense_scores(minilm.encode(captions + photo), label, index)
     assert (scores["ImageNet-R"][:2] >= cfg.threshold_for("ImageNet-R")).all()
     assert (scores["ImageNet-R"][:2] > scores["ImageNet"][:2] + 0.1).all()
-    assert abs(scores["ImageNet-R"][2] - scores["ImageNet"][2]) < 1e-5
+    # Fewer negatives never lower a score; a photo of the class passes under both.
+    assert (scores["ImageNet-R"] >= scores["ImageNet"] - 1e-6).all()
+    assert scores["ImageNet"][2] >= cfg.threshold_for("ImageNet")
