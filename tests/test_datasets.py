@@ -73,6 +73,7 @@ SCHEMA_KEYS = [
     "name",
     "source",
     "layout",
+    "sense",
     "classes",
     "templates",
     "synonyms",

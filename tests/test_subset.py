@@ -50,8 +50,11 @@ def test_demo_runs_every_stage(demo_run):
             assert io.is_done(out), stage
     stats = io.read_json(os.path.join(demo_run, "matches", "_stats.json"))
     assert stats["rows_scanned"] == ROWS and stats["rows_matched"] > 300
+    sense = io.read_json(os.path.join(demo_run, "sense", "_stats.json"))
+    assert sense["rows_in"] == stats["rows_matched"] > sense["rows_kept"] > 200
     shards = io.read_json(os.path.join(demo_run, "shards", "stats.json"))
-    assert shards["success"] > 300 and shards["failures_by_reason"]
+    assert shards["total"] == sense["rows_kept"]
+    assert shards["success"] > 200 and shards["failures_by_reason"]
     results = _bytes(demo_run, "evaluate", "results.md").decode()
     assert (
         "zero-shot CLIP" in results

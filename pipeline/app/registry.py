@@ -94,6 +94,7 @@ SECTIONS: dict[str, str] = {
     "spark": "pipeline.app.settings:SparkConfig",
     "subset": "pipeline.app.settings:SubsetConfig",
     "filter": "pipeline.text_filter.config:TextFilterConfig",
+    "caption_filter": "pipeline.caption_filter.config:CaptionFilterConfig",
     "download": "pipeline.download.stage:DownloadConfig",
     "embed": "pipeline.embed.config:EmbedConfig",
     "select": "pipeline.select.filters:SelectConfig",
@@ -186,6 +187,8 @@ def add_stage_parser(
         dest = opt.to.replace(":", "__").replace(".", "__")
         if opt.flags[0].startswith("-"):
             kwargs["dest"] = dest
+            if kwargs.get("action") is None:  # `--pool POOL`, not `--pool INPUT__POOL`
+                kwargs.setdefault("metavar", opt.flags[0].lstrip("-").upper().replace("-", "_"))
         else:
             kwargs["metavar"] = kwargs.get("metavar", opt.flags[0].upper())
             p.add_argument(dest, help=help_text, **kwargs)

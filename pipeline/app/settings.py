@@ -44,7 +44,8 @@ class SubsetConfig:
     ``dataset``: a bundled name or a YAML path. ``metadata``: LAION parquet URL, directory or
     glob (needed by the text filter). ``data_root``: the target task's images, in the layout
     the dataset config names (needed by the task embeddings). ``run_dir`` defaults to
-    ``<run.root>/<dataset>``. ``clip_filter`` / ``transductive``: run those filters.
+    ``<run.root>/<dataset>``. ``caption_filter``: run the caption sense filter between the
+    text filter and the download. ``clip_filter`` / ``transductive``: run those filters.
 
     Precomputed embeddings (LAION / clip-retrieval layout): ``embeddings`` is the folder's
     root; selection then runs on the candidates' imported vectors before anything is
@@ -59,6 +60,7 @@ class SubsetConfig:
     metadata: str = ""
     data_root: str = ""
     run_dir: str = ""
+    caption_filter: bool = True
     clip_filter: bool = True
     transductive: bool = True
     embeddings: str = ""

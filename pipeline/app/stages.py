@@ -64,6 +64,21 @@ def run_filter(call: Call) -> dict:
     )
 
 
+def run_caption_filter(call: Call) -> dict:
+    from dataclasses import replace
+
+    from pipeline.caption_filter.stage import run_caption_filter as run
+
+    cfg = call.cfg
+    if call.params.get("threshold") is not None:  # applies to this dataset, calibrated or not
+        cfg = replace(cfg, threshold=call.params["threshold"], thresholds={})
+    embed = call.section("embed") if cfg.encoder == "open_clip" else None
+    return run(
+        cfg, call.params["dataset"], call.inputs["matches"], call.out, _spark_master(call),
+        call.overwrite, embed,
+    )  # fmt: skip
+
+
 def run_download(call: Call) -> dict:
     from pipeline.download.stage import run_download as run
 
@@ -224,6 +239,28 @@ STAGES: dict[str, Stage] = {
                 Option(("--master",), "spark.master", "Spark master when no session is active"),
             ),
             lambda s, c: f"{s['rows_matched']} matches of {s['rows_scanned']} rows -> {c.out}",
+        ),
+        Stage(
+            "caption-filter",
+            "stage 1b: keep matches whose caption means the class (sentence encoder, Spark)",
+            "pipeline.app.stages:run_caption_filter",
+            "caption_filter",
+            (
+                DATASET,
+                Option(
+                    ("--matches",), "input:matches", "the text filter's output", {"required": True}
+                ),
+                _out(),
+                Option(
+                    ("--threshold",),
+                    "param:threshold",
+                    "the score a row needs, for this dataset (default: its calibrated one)",
+                    {"type": float},
+                ),
+                Option(("--device",), "caption_filter.device", "auto | cpu | cuda | cuda:N"),
+                Option(("--master",), "spark.master", "Spark master when no session is active"),
+            ),
+            lambda s, c: f"{s['rows_kept']} of {s['rows_in']} matches kept -> {c.out}",
         ),
         Stage(
             "download",

@@ -106,6 +106,11 @@ def _test(r: Run) -> str:
     return "embed-task-test-folder" if r.folder_space else "embed-task-test"
 
 
+def _matches(r: Run) -> str:
+    """The text matches as the run keeps them (after the caption sense filter, when on)."""
+    return "caption-filter" if r.s.caption_filter else "filter"
+
+
 def _downloads(r: Run) -> bool:
     return not r.select_first or r.download
 
@@ -113,8 +118,10 @@ def _downloads(r: Run) -> bool:
 STEPS: tuple[Step, ...] = (
     Step("filter", "filter", "matches", {"metadata": "subset.metadata"},
          enabled=lambda r: not r.select_first or "text" in r.s.candidates),
+    Step("caption-filter", "caption-filter", "sense", {"matches": "filter"},
+         enabled=lambda r: r.s.caption_filter and STEP["filter"].enabled(r)),
     Step("download", "download", "shards",
-         {"matches": lambda r: "kept" if r.select_first else "filter"}, enabled=_downloads),
+         {"matches": lambda r: "kept" if r.select_first else _matches(r)}, enabled=_downloads),
     Step("embed-pool", "embed-pool", "emb/pool", {"shards": "download"}, enabled=_downloads),
     Step("embed-task-train", "embed-task", "emb/task-train", params={"split": "train"}),
     Step("embed-task-test", "embed-task", "emb/task-test", params={"split": "test"}),
@@ -130,7 +137,7 @@ STEPS: tuple[Step, ...] = (
          {"source": "subset.embeddings", "queries": _test},
          enabled=lambda r: "knn-image" in r.s.candidates),
     Step("candidates", "candidates", "candidates/all",
-         {"text": "filter", "knn-text": "knn-text", "knn-image": "knn-image"},
+         {"text": _matches, "knn-text": "knn-text", "knn-image": "knn-image"},
          enabled=lambda r: r.select_first),
     Step("import-embeddings", "import-embeddings", "emb/imported",
          {"source": "subset.embeddings", "matches": "candidates"},
@@ -155,12 +162,12 @@ STEP = {s.name: s for s in STEPS}
 STEP_NAMES = tuple(s.name for s in STEPS)
 # The order of a run from metadata alone: download what the text filter found, then select.
 TEXT_ORDER = (
-    "filter", "download", "embed-pool", "embed-task-train", "embed-task-test", "embed-text",
+    "filter", "caption-filter", "download", "embed-pool", "embed-task-train", "embed-task-test", "embed-text",
     "clip-filter", "transductive", "materialise", "evaluate", "report",
 )  # fmt: skip
 # The order of a run that selects on precomputed embeddings before downloading.
 SELECT_FIRST_ORDER = (
-    "filter", "embed-task-train", "embed-task-test", "embed-text", "embed-text-folder",
+    "filter", "caption-filter", "embed-task-train", "embed-task-test", "embed-text", "embed-text-folder",
     "embed-task-test-folder", "knn-text", "knn-image", "candidates", "import-embeddings",
     "clip-filter", "transductive", "kept", "download", "embed-pool", "materialise", "evaluate",
     "report",

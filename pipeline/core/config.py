@@ -69,6 +69,9 @@ class DatasetSpec:
     layout: str = "imagefolder"
     source: str = ""
     path: str = ""
+    # What the class names are, in a few words ("a type of flower"): the caption sense filter
+    # reads a caption's class name in this sense. Empty: the templates say it.
+    sense: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +90,15 @@ class DatasetSpec:
             v = getattr(self, f)
             out[f] = {k: list(x) for k, x in v.items()} if isinstance(v, dict) else v
         return out
+
+    def sense_of(self, class_index: int) -> str:
+        """The sense the class's name is meant in: the first CuPL description where the dataset
+        has them (a gloss of that very class), else ``sense`` (the dataset's domain), else the
+        first template filled with the name."""
+        described = self.class_descriptions(class_index)
+        if described:
+            return described[0]
+        return self.sense or self.prompts(class_index)[0]
 
     def class_descriptions(self, class_index: int) -> list[str]:
         """CuPL-style sentences for the class (empty when there is no descriptions file)."""
@@ -228,6 +240,7 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
         layout=str(raw.get("layout") or "imagefolder"),
         source=str(raw.get("source") or ""),
         path=str(path),
+        sense=str(raw.get("sense") or "").strip(),
     )
 
 

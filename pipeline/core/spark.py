@@ -127,3 +127,22 @@ class JobProgress:
             # Later jobs of this thread leave the group (a property set to None is removed).
             for k, v in self._previous.items():
                 self.sc.setLocalProperty(k, v)
+
+
+def in_task(options: dict, fn, *args):
+    """``fn(*args)`` in a Spark task, with the driver's fsspec options (``io.storage_options``,
+    from :func:`pipeline.core.io.configured`)."""
+    from pipeline.core import io
+
+    io.configure(options)
+    return fn(*args)
+
+
+def task_error_message(e: Exception, what: str) -> str:
+    """The Python error inside a failed Spark task, without the JVM stack."""
+    text = str(e)
+    for marker in ("pipeline.core.io.InputError: ", "InputError: "):
+        if marker in text:
+            return text.split(marker, 1)[1].splitlines()[0]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return f"{what} failed: {lines[-1] if lines else text}"

@@ -106,7 +106,7 @@ def plan(cfg: TextFilterConfig, spec: DatasetSpec, metadata: str, out: str) -> P
 def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Scanned:
     """Scan every unit not yet scanned in Spark tasks (results come back in unit order); a file
     with an unreadable piece is left out whole, as when it is one unit."""
-    from pipeline.core.spark import JobProgress
+    from pipeline.core.spark import JobProgress, in_task, task_error_message
 
     rules = MatchRules.from_spec(spec)
     options = io.configured()
@@ -120,11 +120,11 @@ def scan(p: Plan, cfg: TextFilterConfig, spec: DatasetSpec, out: str, sc) -> Sca
         with JobProgress(sc, "scan", len(groups)):
             results = (
                 sc.parallelize(groups, max(1, len(groups)))
-                .flatMap(lambda g: _in_task(options, scan_files, g, out, cfg, rules))
+                .flatMap(lambda g: in_task(options, scan_files, g, out, cfg, rules))
                 .collect()
             )
     except Exception as e:
-        raise io.InputError(_spark_error_message(e)) from None
+        raise io.InputError(task_error_message(e, "text filter")) from None
     seconds = time.perf_counter() - t0
     for r in results:
         if "bad_file" in r:
@@ -158,7 +158,7 @@ def write(s: Scanned, kept: np.ndarray, out: str, sc) -> int:
     """Place the final parts: a part that loses no row is linked or copied into place, the
     others are rewritten by Spark tasks from the kept row numbers. Returns the rows kept."""
     from pipeline.core.progress import progress
-    from pipeline.core.spark import JobProgress
+    from pipeline.core.spark import JobProgress, in_task
 
     rewrite = []
     options = io.configured()
@@ -177,7 +177,7 @@ def write(s: Scanned, kept: np.ndarray, out: str, sc) -> int:
         with JobProgress(sc, "rewrite parts", len(rewrite), unit="part"):
             rewritten = (
                 sc.parallelize(rewrite, len(rewrite))
-                .map(lambda i: _in_task(options, finalize_part, i, out))
+                .map(lambda i: in_task(options, finalize_part, i, out))
                 .collect()
             )
         if sum(rewritten) != total_kept - sum(part_rows[i] for i in s.done if i not in rewrite):
@@ -301,19 +301,3 @@ def check_metadata(metadata: str) -> None:
             f"no parquet files at {metadata!r}{what}; give LAION parquet files: a file, a "
             "directory, a glob or a URL (s3://, hf://, ...)"
         ) from None
-
-
-def _in_task(options: dict, fn, *args):
-    """``fn(*args)`` in a Spark task, with the driver's fsspec options (``io.storage_options``)."""
-    io.configure(options)
-    return fn(*args)
-
-
-def _spark_error_message(e: Exception) -> str:
-    """The Python error inside a failed Spark task, without the JVM stack."""
-    text = str(e)
-    for marker in ("pipeline.core.io.InputError: ", "InputError: "):
-        if marker in text:
-            return text.split(marker, 1)[1].splitlines()[0]
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return f"text filter failed: {lines[-1] if lines else text}"
