@@ -207,9 +207,11 @@ def stage_argv(name: str, cfg: SubsetConfig, run_dir: str, common: list[str]) ->
     elif name == "evaluate":
         argv = [
             "evaluate", "--dataset", cfg.dataset, "--task-train", p["task_train"], "--task-test", p["task_test"],
-            "--text", p["text"], "--priming", priming_source(cfg, run_dir), "--shots", cfg.shots,
+            "--text", p["text"], "--shots", cfg.shots,
             "--seeds", str(cfg.seeds), "--alpha", cfg.alpha, "--head", cfg.head, "--out", out,
         ]  # fmt: skip
+        for source in evaluate_sources(cfg, run_dir):  # each decision names its protocol
+            argv += ["--priming", source]
     elif name == "report":
         return ["report", run_dir]
     else:  # pragma: no cover - STAGES is closed
@@ -224,6 +226,16 @@ def priming_source(cfg: SubsetConfig, run_dir: str) -> str:
     if cfg.clip_filter:
         return io.join(run_dir, LAYOUT["clip"])
     return io.join(run_dir, LAYOUT["pool"])
+
+
+def evaluate_sources(cfg: SubsetConfig, run_dir: str) -> list[str]:
+    """What the evaluation primes with: the CLIP filter's decision (zero-shot priming: no test
+    image; the pool when the filter is off) and the transductive decision when it runs."""
+    zero_shot = LAYOUT["clip"] if cfg.clip_filter else LAYOUT["pool"]
+    sources = [io.join(run_dir, zero_shot)]
+    if cfg.transductive:
+        sources.append(io.join(run_dir, LAYOUT["transductive"]))
+    return sources
 
 
 def check_sources(cfg: SubsetConfig, stages: list[str]) -> None:
