@@ -140,7 +140,8 @@ def test_table_renders_intervals_per_class_accuracy_and_footnotes():
         f"| zero-shot | zero-shot CLIP | 0 | 50.00 | {100 * lo:.2f} - {100 * hi:.2f} | 40.00 | 1.00 | no | 1 |"
         in md
     )
-    lo, hi = M.t_interval([0.6, 0.7])
+    lo, hi, kind = M.interval([0.6, 0.7], 100)
+    assert kind == "seeds" and (lo, hi) == (max(0, M.t_interval([0.6, 0.7])[0]), 1.0)
     assert (
         f"| few-shot | few-shot | 1 | 65.00 | {100 * lo:.2f} - {100 * hi:.2f} | - | 0.60⁶ | no | 2 |"
         in md

@@ -64,7 +64,9 @@ def t_interval(values: list[float] | np.ndarray) -> tuple[float, float]:
 
 def interval(accuracies: list[float], n_test: int) -> tuple[float, float, str]:
     """The interval of a table row: ``(low, high, kind)``, kind ``binomial`` for one run (Wilson
-    over ``n_test`` images) or ``seeds`` for several draws (t over the draws)."""
+    over ``n_test`` images) or ``seeds`` for several draws (t over the draws, cut to [0, 1]:
+    with two or three draws it can reach past either end)."""
     if len(accuracies) == 1:
         return (*wilson(accuracies[0], n_test), "binomial")
-    return (*t_interval(accuracies), "seeds")
+    lo, hi = t_interval(accuracies)
+    return max(0.0, lo), min(1.0, hi), "seeds"

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -411,6 +411,15 @@ def load_task(
     src_spec = load_dataset(priming_dataset, descriptions=False) if priming_dataset else spec
     draws = [sample_shots(tr_y, k, s, c) for k in cfg.shots if k > 0 for s in range(cfg.seeds)]
     shot_rows = np.unique(np.concatenate(draws)) if draws else np.zeros(0, np.int64)
+    untrained = any(
+        bool(E.read_meta(u).get("untrained"))
+        for u in (train, test, text)
+        if io.exists(io.join(u, E.META))
+    )
+    if untrained and cfg.neardup_threshold is not None:
+        # Untrained weights map every image near every other: all would count as copies.
+        log.warning("untrained model weights: near-duplicate removal is off")
+        cfg = replace(cfg, neardup_threshold=None)
     pools = _Pools(te_f, t.shape[1], cfg)
     primings = []
     for protocol, url in priming_sources(priming).items():
@@ -423,11 +432,7 @@ def load_task(
         "classes": task_space.name if task_space is not spec else spec.name,
         "num_classes": c,
         "priming": {p.protocol: p.stats for p in primings},
-        "untrained": any(
-            bool(E.read_meta(u).get("untrained"))
-            for u in (train, test, text)
-            if io.exists(io.join(u, E.META))
-        ),
+        "untrained": untrained,
     }
     task = Task(tr_f, tr_y, te_f, te_y, t, cupl, c, primings, spec.name)
     return task, info
@@ -460,7 +465,10 @@ def _notes(task: Task, info: dict, cfg: EvaluateConfig) -> list[str]:
         s = p.stats
         line = f"{p.protocol}: {s['priming_images']} priming images"
         dup = s.get("near_duplicates_of_test")
-        if dup:
+        if dup and dup["threshold"] is None:
+            line += "; near copies of test images kept (removal off"
+            line += ": untrained weights)" if info["untrained"] else ")"
+        elif dup:
             line += (
                 f"; {dup['total']} dropped as copies of test images (cosine >= {dup['threshold']})"
             )
