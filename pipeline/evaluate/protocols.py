@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.evaluate import alpha as A
 from pipeline.evaluate import reference as R
 from pipeline.evaluate import tip as TIP
-from pipeline.evaluate.classify import class_sums, sample_shots, weights_from_sums
+from pipeline.evaluate.classify import class_sums, sample_shots, shot_folds, weights_from_sums
 from pipeline.evaluate.metrics import mean_per_class, top1
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,22 @@ def _progress(items, desc):
     return tqdm(items, desc=desc, unit="draw", disable=None)
 
 
+def _predict(feats: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return np.argmax(feats @ np.asarray(weights, np.float32).T, axis=1)
+
+
+def _targets(uses_test: bool, choice: A.Choice, shots: bool) -> str:
+    """What target-task images a row used (results.json's ``target_images``)."""
+    used = ["train shots"] if shots else []
+    if uses_test:
+        used.append("test, unlabelled (selection)")
+    if choice.rule.endswith("knn-train"):
+        used.append("train, unlabelled (alpha)")
+    elif choice.rule.endswith("knn-test"):
+        used.append("test, unlabelled (alpha)")
+    return "; ".join(dict.fromkeys(used)) or "none"
+
+
 class Records(list):
     """The rows of the table as dicts (see :func:`evaluate_task`)."""
 
@@ -114,26 +130,21 @@ class Records(list):
 
     def add(
         self,
-        protocol,
-        method,
-        shots,
-        seed,
-        head,
-        pred,
-        choice=None,
-        n_priming=0,
-        n_shots=0,
-        test_images="no",
-        target_images="none",
-    ):
+        protocol: str,
+        method: str,
+        pred: np.ndarray,
+        choice: A.Choice,
+        head: str = "centroid",
+        priming: Priming | None = None,
+        shots: int = 0,
+        seed: int = 0,
+        n_shots: int = 0,
+    ) -> None:
+        """One row: ``pred`` the test predictions, ``choice`` how alpha (or Tip-Adapter's
+        a, b) was set, ``priming`` the priming set in the head (None: none)."""
         y = self.task.test_labels
-        alpha = rule = tip = None
-        if choice is not None:
-            rule = choice.rule
-            if isinstance(choice.value, tuple):
-                tip = choice.value
-            else:
-                alpha = round(float(choice.value), 4)
+        tip = choice.value if isinstance(choice.value, tuple) else None
+        uses_test = priming is not None and bool(priming.uses_test_images)
         self.append(
             {
                 "protocol": protocol,
@@ -143,21 +154,17 @@ class Records(list):
                 "head": head,
                 "accuracy": round(top1(pred, y), 6),
                 "mean_per_class": round(mean_per_class(pred, y), 6),
-                "alpha": alpha,
-                "alpha_rule": rule,
-                "tip_a": None if tip is None else tip[0],
-                "tip_b": None if tip is None else tip[1],
-                "n_priming": int(n_priming),
+                "alpha": None if tip else round(float(choice.value), 4),
+                "alpha_rule": choice.rule,
+                "tip_a": tip[0] if tip else None,
+                "tip_b": tip[1] if tip else None,
+                "n_priming": 0 if priming is None else int(len(priming.labels)),
                 "n_shots": int(n_shots),
                 "n_test": int(len(y)),
-                "test_images": test_images,
-                "target_images": target_images,
+                "test_images": "unlabelled" if uses_test else "no",
+                "target_images": _targets(uses_test, choice, shots > 0),
             }
         )
-
-
-def _predict(feats: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.argmax(feats @ np.asarray(weights, np.float32).T, axis=1)
 
 
 def _without_dups(p: Priming, shot_idx: np.ndarray, sums: np.ndarray, c: int) -> np.ndarray:
@@ -167,6 +174,17 @@ def _without_dups(p: Priming, shot_idx: np.ndarray, sums: np.ndarray, c: int) ->
     if len(drop) == 0:
         return sums
     return sums - class_sums(p.feats[drop], p.labels[drop], c)
+
+
+def _text_rows(task: Task, rec: Records, rule: str = "fixed") -> list[tuple[str, np.ndarray]]:
+    """The zero-shot rows; returns the text heads the priming rows ensemble with."""
+    tx = task.test_feats
+    rec.add(ZERO_SHOT, "zero-shot CLIP", _predict(tx, task.text), fixed(1, rule), "text")
+    texts = [("", task.text)]
+    if task.cupl is not None:
+        rec.add(ZERO_SHOT, "CuPL", _predict(tx, task.cupl), fixed(1, rule), "text")
+        texts.append((" + CuPL", task.cupl))
+    return texts
 
 
 def evaluate_task(task: Task, cfg) -> list[dict]:
@@ -181,18 +199,13 @@ def evaluate_task(task: Task, cfg) -> list[dict]:
     if cfg.protocol == "reference":
         return reference_rows(task, cfg)
     rec = Records(task)
-    tx = task.test_feats
-    rec.add(ZERO_SHOT, "zero-shot CLIP", 0, 0, "text", _predict(tx, task.text), fixed(1))
-    texts = [("", task.text)]
-    if task.cupl is not None:
-        rec.add(ZERO_SHOT, "CuPL", 0, 0, "text", _predict(tx, task.cupl), fixed(1))
-        texts.append((" + CuPL", task.cupl))
+    texts = _text_rows(task, rec)
     if cfg.head == "tip-adapter":
         _tip_rows(task, cfg, texts, rec)
         return list(rec)
-    c, t = task.num_classes, task.text
+    tx, c, t = task.test_feats, task.num_classes, task.text
     user = None if cfg.alpha == "auto" else fixed(float(cfg.alpha))
-    nn_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    nn_cache: dict = {}
     prepared = []
     for p in task.primings:
         if len(p.labels) == 0:
@@ -208,70 +221,21 @@ def evaluate_task(task: Task, cfg) -> list[dict]:
             ch = user or A.choose_alpha_priming(
                 text, sums, counts, held, t_feats, where, t_nn, cfg.fallback_alpha
             )
-            rec.add(
-                p.protocol,
-                METHOD[p.protocol] + suffix,
-                0,
-                0,
-                "centroid",
-                _predict(tx, weights_from_sums(text, sums, ch.value)),
-                ch,
-                len(p.labels),
-                0,
-                _test_use(p),
-                _targets(p, ch),
-            )
+            pred = _predict(tx, weights_from_sums(text, sums, ch.value))
+            rec.add(p.protocol, METHOD[p.protocol] + suffix, pred, ch, priming=p)
     for k, seed, idx in _progress(shot_draws(task, cfg.shots, cfg.seeds), "few-shot draws"):
         sf, sy = task.train_feats[idx], task.train_labels[idx]
         s_sums = class_sums(sf, sy, c)
+        draw = {"shots": k, "seed": seed, "n_shots": len(idx)}
         ch = user or A.choose_alpha_shots(t, sf, sy, None, cfg.fallback_alpha)
-        rec.add(
-            FEW_SHOT,
-            "few-shot",
-            k,
-            seed,
-            "centroid",
-            _predict(tx, weights_from_sums(t, s_sums, ch.value)),
-            ch,
-            0,
-            len(idx),
-            "no",
-            "train shots",
-        )
+        pred = _predict(tx, weights_from_sums(t, s_sums, ch.value))
+        rec.add(FEW_SHOT, "few-shot", pred, ch, **draw)
         for p, sums in prepared:
             p_sums = _without_dups(p, idx, sums, c)
             ch = user or A.choose_alpha_shots(t, sf, sy, p_sums, cfg.fallback_alpha)
             pred = _predict(tx, weights_from_sums(t, s_sums + p_sums, ch.value))
-            rec.add(
-                FEW_SHOT,
-                f"few-shot + {METHOD[p.protocol]}",
-                k,
-                seed,
-                "centroid",
-                pred,
-                ch,
-                len(p.labels),
-                len(idx),
-                _test_use(p),
-                "train shots",
-            )
+            rec.add(FEW_SHOT, f"few-shot + {METHOD[p.protocol]}", pred, ch, priming=p, **draw)
     return list(rec)
-
-
-def _test_use(p: Priming) -> str:
-    return "unlabelled" if p.uses_test_images else "no"
-
-
-def _targets(p: Priming, ch: A.Choice) -> str:
-    """What target-task images a priming row used, for the table's notes."""
-    used = []
-    if p.uses_test_images:
-        used.append("test, unlabelled (selection)")
-    if ch.rule.endswith("knn-train"):
-        used.append("train, unlabelled (alpha)")
-    elif ch.rule.endswith("knn-test"):
-        used.append("test, unlabelled (alpha)")
-    return "; ".join(dict.fromkeys(used)) or "none"
 
 
 def _alpha_target(task: Task, cfg, where: str, cache: dict):
@@ -299,8 +263,7 @@ def _tip_rows(task: Task, cfg, texts, rec: Records) -> None:
     """Tip-Adapter rows: cache keys are the priming images and/or the shots; (a, b) searched
     on the pool before filtering (no shots) or on held-out folds of shots, never on test."""
     c, b_grid, bal = task.num_classes, TIP.TIP_B_GRID, cfg.tip_balance
-    tx = task.test_feats
-    t = task.text
+    tx, t = task.test_feats, task.text
 
     def predict(text, choice, cache_aff, counts):
         a, b = choice.value
@@ -325,28 +288,18 @@ def _tip_rows(task: Task, cfg, texts, rec: Records) -> None:
         rem, rem_counts = TIP.held_out_affinity(hf, hy, groups, c, b_grid)
         for suffix, text in texts:
             ch = TIP.search_tip(text, hf, hy, val, counts, rem, rem_counts, bal, rule="pool")
-            rec.add(
-                p.protocol,
-                METHOD[p.protocol] + suffix,
-                0,
-                0,
-                "tip-adapter",
-                predict(text, ch, test_aff, counts),
-                ch,
-                len(p.labels),
-                0,
-                _test_use(p),
-                _targets(p, ch),
-            )
+            pred = predict(text, ch, test_aff, counts)
+            rec.add(p.protocol, METHOD[p.protocol] + suffix, pred, ch, "tip-adapter", p)
         # Every shot's affinity to this priming cache, computed once for all draws.
         union_aff = TIP.class_affinity(task.train_feats[union], p.feats, p.labels, c, b_grid)
         cached.append((p, counts, test_aff, union_aff))
     for k, seed, idx in _progress(draws, "few-shot draws (tip-adapter)"):
         sf, sy = task.train_feats[idx], task.train_labels[idx]
+        draw = {"shots": k, "seed": seed, "n_shots": len(idx)}
         s_counts = np.bincount(sy, minlength=c)
         test_s = TIP.class_affinity(tx, sf, sy, c, b_grid)
         val_s = TIP.class_affinity(sf, sf, sy, c, b_grid)
-        rem, rem_counts = TIP.held_out_affinity(sf, sy, _folds(sy), c, b_grid)
+        rem, rem_counts = TIP.held_out_affinity(sf, sy, shot_folds(sy), c, b_grid)
         ch = TIP.search_tip(t, sf, sy, val_s, s_counts, rem, rem_counts, bal)
         if ch.rule == "fallback":
             log.info(
@@ -355,43 +308,14 @@ def _tip_rows(task: Task, cfg, texts, rec: Records) -> None:
                 seed,
                 ch.value,
             )
-        rec.add(
-            FEW_SHOT,
-            "few-shot",
-            k,
-            seed,
-            "tip-adapter",
-            predict(t, ch, test_s, s_counts),
-            ch,
-            0,
-            len(idx),
-            "no",
-            "train shots",
-        )
+        rec.add(FEW_SHOT, "few-shot", predict(t, ch, test_s, s_counts), ch, "tip-adapter", **draw)
         for p, counts, test_aff, union_aff in cached:
             val = val_s + union_aff[:, np.searchsorted(union, idx)]
             all_counts = s_counts + counts
             ch = TIP.search_tip(t, sf, sy, val, all_counts, rem, rem_counts, bal)
             pred = predict(t, ch, test_s + test_aff, all_counts)
-            rec.add(
-                FEW_SHOT,
-                f"few-shot + {METHOD[p.protocol]}",
-                k,
-                seed,
-                "tip-adapter",
-                pred,
-                ch,
-                len(p.labels),
-                len(idx),
-                _test_use(p),
-                "train shots",
-            )
-
-
-def _folds(labels: np.ndarray) -> np.ndarray:
-    from pipeline.evaluate.classify import shot_folds
-
-    return shot_folds(labels)
+            method = f"few-shot + {METHOD[p.protocol]}"
+            rec.add(FEW_SHOT, method, pred, ch, "tip-adapter", p, **draw)
 
 
 # ------------------------------------------------------------------------ reference
@@ -400,56 +324,26 @@ def _folds(labels: np.ndarray) -> np.ndarray:
 def reference_rows(task: Task, cfg) -> list[dict]:
     """The rows as the reference code computes them (:mod:`pipeline.evaluate.reference`):
     fixed alpha per dataset and shots, zero image-head rows for empty classes. The stage
-    builds ``task`` with the reference's text heads and pool (cap, ambiguous captions)."""
+    builds ``task`` with the reference's text heads and pool (cap, two-class captions)."""
     rec = Records(task)
+    texts = _text_rows(task, rec, "reference")
     tx, c = task.test_feats, task.num_classes
-    rule = "reference"
-    rec.add(ZERO_SHOT, "zero-shot CLIP", 0, 0, "text", _predict(tx, task.text), fixed(1, rule))
-    texts = [("", task.text)]
-    if task.cupl is not None:
-        rec.add(ZERO_SHOT, "CuPL", 0, 0, "text", _predict(tx, task.cupl), fixed(1, rule))
-        texts.append((" + CuPL", task.cupl))
-    a0 = fixed(R.reference_alpha(task.dataset, 0), rule)
+    a0 = fixed(R.reference_alpha(task.dataset, 0), "reference")
     sums_of = []
     for p in task.primings:
         sums = class_sums(p.feats, p.labels, c)
         sums_of.append((p, sums))
         for suffix, text in texts:
             pred = _predict(tx, R.reference_weights(text, sums, a0.value))
-            rec.add(
-                p.protocol,
-                METHOD[p.protocol] + suffix,
-                0,
-                0,
-                "centroid",
-                pred,
-                a0,
-                len(p.labels),
-                0,
-                _test_use(p),
-                _targets(p, a0),
-            )
+            rec.add(p.protocol, METHOD[p.protocol] + suffix, pred, a0, priming=p)
     for k, seed, idx in shot_draws(task, cfg.shots, cfg.seeds):
         sf, sy = task.train_feats[idx], task.train_labels[idx]
         s_sums = class_sums(sf, sy, c)
-        ak = fixed(R.reference_alpha(task.dataset, k), rule)
+        ak = fixed(R.reference_alpha(task.dataset, k), "reference")
+        draw = {"shots": k, "seed": seed, "n_shots": len(idx)}
         pred = _predict(tx, R.reference_weights(task.text, s_sums, ak.value))
-        rec.add(
-            FEW_SHOT, "few-shot", k, seed, "centroid", pred, ak, 0, len(idx), "no", "train shots"
-        )
+        rec.add(FEW_SHOT, "few-shot", pred, ak, **draw)
         for p, sums in sums_of:
             pred = _predict(tx, R.reference_weights(task.text, s_sums + sums, ak.value))
-            rec.add(
-                FEW_SHOT,
-                f"few-shot + {METHOD[p.protocol]}",
-                k,
-                seed,
-                "centroid",
-                pred,
-                ak,
-                len(p.labels),
-                len(idx),
-                _test_use(p),
-                "train shots",
-            )
+            rec.add(FEW_SHOT, f"few-shot + {METHOD[p.protocol]}", pred, ak, priming=p, **draw)
     return list(rec)

@@ -1,7 +1,7 @@
 """Stage 6: the accuracy table of zero-shot CLIP, CuPL, priming, transductive priming and
-few-shot heads on cached embeddings (protocols in :mod:`pipeline.evaluate.protocols`).
+few-shot heads on cached embeddings.
 
-One run scores several priming sets at once, each under its protocol: ``--priming URL`` (the
+Protocols and rows: :mod:`pipeline.evaluate.protocols` and docs/evaluation.md. One run scores several priming sets at once, each under its protocol: ``--priming URL`` (the
 protocol read from the decision: ``transductive priming`` for a transductive decision,
 otherwise ``zero-shot priming``), repeated. Before any row, priming images that are near
 copies of a test image (cosine >= ``neardup_threshold``, FAISS) are dropped, and for few-shot
@@ -580,7 +580,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--seeds", type=int, help="shot draws per shot count")
     p.add_argument("--alpha", help="weight of the text head: a number in [0, 1], or auto")
     p.add_argument("--head", choices=["centroid", "tip-adapter"])
-    p.add_argument("--protocol", choices=["primer", "reference"], help="default evaluate.protocol")
+    p.add_argument(
+        "--protocol",
+        choices=["primer", "reference"],
+        help="primer (default: evaluate.protocol) or reference: what the public Neural Priming code "
+        "computes",
+    )
     p.add_argument("--out", required=True, help="output directory (any fsspec URL)")
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.set_defaults(func=_cmd)
