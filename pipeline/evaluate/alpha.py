@@ -23,9 +23,9 @@ docs/evaluation.md):
   it rewards heads that follow the nuisance, again toward the image head;
 - ``pool+knn`` (the default without shots): the larger of the two alphas. Both rules err
   toward the image head, each for its own reason, and the text head carries no pool bias,
-  so the more conservative estimate has the smaller error: on the worlds its mean gap to the
-  best alpha in hindsight is below either rule's alone, and it stays near ``pool`` where
-  ``knn`` breaks.
+  so the more conservative estimate errs least: on the standard worlds it is as close to the
+  best alpha as ``knn`` alone, and on the stress worlds (nuisance styles), where ``knn``
+  breaks and ``pool`` drifts, it is closer than either.
 
 The zero-shot priming rows take their target images from the train split (without labels;
 ``evaluate.alpha_target: none`` keeps to the pool alone), the transductive rows from the test
