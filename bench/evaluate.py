@@ -7,9 +7,11 @@ and 3 seeds. Rows:
 - baseline: the same centroid table built the direct way, every head refitted from the raw
   features with ``np.add.at`` (what a straightforward implementation does), alpha fixed;
 - centroid, alpha fixed / auto: :func:`pipeline.evaluate.stage.evaluate_task` (priming class sums
-  computed once, leave-one-out and k-fold alpha choice in closed form);
+  computed once, the pool rule and k-fold alpha choice in closed form, neighbour agreement
+  over the train split with FAISS);
 - tip-adapter: the Tip-Adapter head with its (a, b) search, cache = priming + shots;
-- run_evaluate: the stage end to end, reading the embeddings from disk and writing results.
+- run_evaluate: the stage end to end, reading the embeddings from disk, removing near copies of
+  test images (FAISS) and writing results.
 
 Usage: .venv/bin/python bench/evaluate.py [--quick]
 """
@@ -26,6 +28,7 @@ from _util import table, timed
 from pipeline.core import embeddings as E
 from pipeline.core import io
 from pipeline.evaluate import classify as C
+from pipeline.evaluate.protocols import Priming
 from pipeline.evaluate.stage import EvaluateConfig, Task, evaluate_task, run_evaluate
 
 CLASSES, DIM = 200, 512
@@ -55,7 +58,8 @@ def make_task(n_priming: int, seed: int = 0) -> Task:
     pf, py = draw(n=n_priming)
     wrong = rng.random(n_priming) < 0.25
     py[wrong] = rng.integers(0, CLASSES, int(wrong.sum()))
-    return Task(tf, ty, xf, xy, text.astype(np.float32), None, pf, py, CLASSES)
+    priming = Priming("zero-shot priming", pf, py, pf, py, np.ones(len(py), bool))
+    return Task(tf, ty, xf, xy, text.astype(np.float32), None, CLASSES, [priming], "bench")
 
 
 def naive_table(task: Task, cfg: EvaluateConfig) -> list[float]:
@@ -72,7 +76,9 @@ def naive_table(task: Task, cfg: EvaluateConfig) -> list[float]:
     accs = [C.accuracy(task.test_feats, task.test_labels, task.text)]
     accs.append(
         C.accuracy(
-            task.test_feats, task.test_labels, weights(task.priming_feats, task.priming_labels, a)
+            task.test_feats,
+            task.test_labels,
+            weights(task.primings[0].feats, task.primings[0].labels, a),
         )
     )
     for k in [s for s in cfg.shots if s > 0]:
@@ -80,8 +86,8 @@ def naive_table(task: Task, cfg: EvaluateConfig) -> list[float]:
             idx = C.sample_shots(task.train_labels, k, seed, CLASSES)
             sf, sy = task.train_feats[idx], task.train_labels[idx]
             accs.append(C.accuracy(task.test_feats, task.test_labels, weights(sf, sy, a)))
-            f = np.concatenate([sf, task.priming_feats])
-            y = np.concatenate([sy, task.priming_labels])
+            f = np.concatenate([sf, task.primings[0].feats])
+            y = np.concatenate([sy, task.primings[0].labels])
             accs.append(C.accuracy(task.test_feats, task.test_labels, weights(f, y, a)))
     return accs
 
@@ -91,7 +97,7 @@ def write_dirs(task: Task, root: str) -> dict:
     for k, f, y in (
         ("train", task.train_feats, task.train_labels),
         ("test", task.test_feats, task.test_labels),
-        ("pool", task.priming_feats, task.priming_labels),
+        ("pool", task.primings[0].feats, task.primings[0].labels),
     ):
         E.write_shard(d[k], "00000", [f"{k}{i}" for i in range(len(y))], y, f)
         io.write_json(io.join(d[k], E.META), {"embed_dim": DIM})

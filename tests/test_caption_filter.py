@@ -182,12 +182,16 @@ def test_retrieval_quality_on_real_captions_meets_the_targets():
     for part in ("all rows", "held-out half"):
         for group in ("all", "fine-grained four"):
             alone = got[(part, group, "filter")]
-            sensed = got[(part, group, "filter + sense")]
+            sensed = got[(part, group, "filter + exclusions + sense")]
             assert sensed["precision"] >= 0.6, sensed
             assert sensed["recall"] >= 0.85, sensed
             assert sensed["precision"] > alone["precision"] + 0.1, (alone, sensed)
     cars = got[("all rows", "StanfordCars", "sense alone")]
     assert cars["recall"] >= 0.6, cars
+    # The text filter keeps >= 60% of the captions naming a car's make and model under a class
+    # of that make and model (exact matching of the class names finds almost none).
+    named = [r for r in result["rows"] if r["dataset"] == "StanfordCars"]
+    assert sum(r["filter"] for r in named) >= 0.6 * len(named)
     # The shipped thresholds are what calibration on the first half gives.
     assert result["thresholds"] == {
         "threshold": CaptionFilterConfig().threshold,

@@ -1,11 +1,13 @@
-"""Issue 7: the priming classifier against direct numpy implementations of its formulas."""
+"""The priming classifier, its alpha rules and Tip-Adapter against direct numpy implementations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from pipeline.evaluate import alpha as A
 from pipeline.evaluate import classify as C
+from pipeline.evaluate import tip as TIP
 
 
 def unit(x):
@@ -126,9 +128,30 @@ def test_leave_one_out_over_priming_matches_refitting():
     grid = np.array([0.0, 0.3, 0.6, 1.0])
     sums, counts = C.class_sums(pf, py, 5), np.bincount(py, minlength=5)
     held = np.arange(0, 40, 3)
-    scores, n = C.loo_alpha_scores(T, pf[held], py[held], sums, counts, grid)
+    scores, n = A.loo_alpha_scores(T, pf[held], py[held], sums, counts, grid)
     want = _brute_scores(T, pf[held], py[held], pf, py, grid, lambda i: np.arange(40) == held[i])
     assert n == len(held)
+    np.testing.assert_allclose(scores, want)
+
+
+def test_pool_rule_scores_dropped_images_against_the_head_and_kept_ones_without_themselves():
+    T, _, _, (pf, py) = clusters(8, classes=5, d=16, n_priming=60)
+    grid = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    in_head = np.random.default_rng(0).random(60) < 0.6  # the filter's kept images
+    head_f, head_y = pf[in_head], py[in_head]
+    sums, counts = C.class_sums(head_f, head_y, 5), np.bincount(head_y, minlength=5)
+    scores, n = A.pool_alpha_scores(T, sums, counts, pf, py, in_head, grid)
+    head_rows = np.flatnonzero(in_head)
+    want = _brute_scores(
+        T,
+        pf,
+        py,
+        head_f,
+        head_y,
+        grid,
+        lambda i: head_rows == i,  # only itself, if kept
+    )
+    assert n == 60
     np.testing.assert_allclose(scores, want)
 
 
@@ -139,22 +162,47 @@ def test_cross_validation_over_shots_matches_refitting():
     grid = np.array([0.0, 0.5, 1.0])
     folds = C.shot_folds(sy)
     head_f, head_y = np.concatenate([sf, pf]), np.concatenate([sy, py])
-    scores, n = C.cv_alpha_scores(T, sf, sy, C.class_sums(pf, py, 4), grid)
+    scores, n = A.cv_alpha_scores(T, sf, sy, C.class_sums(pf, py, 4), grid)
     fold_of = np.r_[folds, np.full(len(py), -1)]
     want = _brute_scores(T, sf, sy, head_f, head_y, grid, lambda i: fold_of == folds[i])
     assert n == len(sy)
     np.testing.assert_allclose(scores, want)
 
 
-def test_priming_beats_zero_shot_and_auto_alpha_is_near_best():
+def test_knn_rule_matches_a_direct_kappa_of_neighbour_agreement():
+    T, (tf, _), (xf, _), (pf, py) = clusters(9, classes=6, d=16, n_priming=120)
+    grid = np.array([0.0, 0.4, 0.8, 1.0])
+    sums = C.class_sums(pf, py, 6)
+    scores, n = A.knn_alpha_scores(T, sums, xf[:300], grid=grid)
+    x = xf[:300].astype(np.float64)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1, kind="stable")[:, : A.KNN_K]
+    want = []
+    for a in grid:
+        pred = np.argmax(x @ C.priming_weights(T, pf, py, a).T, axis=1)
+        agree = np.mean(pred[nn] == pred[:, None])
+        chance = np.sum((np.bincount(pred, minlength=6) / 300) ** 2)
+        want.append((agree - chance) / (1 - chance))
+    assert n == 300
+    np.testing.assert_allclose(scores, want, atol=1e-6)
+
+
+def test_priming_beats_zero_shot_and_the_pool_rule_is_near_best_on_an_unfiltered_pool():
     T, _, (xf, xy), (pf, py) = clusters(0)
     zs = C.accuracy(xf, xy, T)
-    accs = {float(a): C.accuracy(xf, xy, C.priming_weights(T, pf, py, a)) for a in C.ALPHA_GRID}
+    accs = {float(a): C.accuracy(xf, xy, C.priming_weights(T, pf, py, a)) for a in A.ALPHA_GRID}
     best = max(accs.values())
     assert best > zs + 0.2
-    auto = C.choose_alpha(T, pf[:0], py[:0], pf, py)
-    assert auto.rule == "loo-priming" and auto.n_held == len(py)
+    sums, counts = C.class_sums(pf, py, 10), np.bincount(py, minlength=10)
+    held = (pf, py, np.ones(len(py), bool))
+    auto = A.choose_alpha_priming(T, sums, counts, held)
+    assert auto.rule == "pool" and auto.n_held == len(py)
     assert accs[auto.value] >= best - 0.02
+    both = A.choose_alpha_priming(T, sums, counts, held, xf, "test")
+    knn = A.pick(A.knn_alpha_scores(T, sums, xf)[0])
+    assert both.rule == "pool+knn-test"
+    assert both.value == max(auto.value, A.ALPHA_GRID[knn])  # the larger of the two
 
 
 def test_auto_alpha_with_shots_and_its_fallbacks():
@@ -162,49 +210,83 @@ def test_auto_alpha_with_shots_and_its_fallbacks():
     idx = C.sample_shots(ty, 5, 0, 10)
     accs = {
         float(a): C.accuracy(xf, xy, C.priming_weights(T, tf[idx], ty[idx], a))
-        for a in C.ALPHA_GRID
+        for a in A.ALPHA_GRID
     }
-    auto = C.choose_alpha(T, tf[idx], ty[idx], pf[:0], py[:0])
+    auto = A.choose_alpha_shots(T, tf[idx], ty[idx])
     assert auto.rule == "cv-shots" and accs[auto.value] >= max(accs.values()) - 0.05
     one = C.sample_shots(ty, 1, 0, 10)
-    assert C.choose_alpha(T, tf[one], ty[one], pf[:0], py[:0], fallback=0.55).value == 0.55
-    assert C.choose_alpha(T, tf[one], ty[one], pf, py).rule == "cv-shots"  # priming keeps classes
-    assert C.choose_alpha(T, tf[:0], ty[:0], pf[:0], py[:0]).value == 1.0
+    assert A.choose_alpha_shots(T, tf[one], ty[one], fallback=0.55).value == 0.55
+    p_sums = C.class_sums(pf, py, 10)
+    assert A.choose_alpha_shots(T, tf[one], ty[one], p_sums).rule == "cv-shots"
+    empty = (pf[:0], py[:0], np.zeros(0, bool))
+    assert A.choose_alpha_priming(T, p_sums, np.zeros(10), empty, fallback=0.4).value == 0.4
 
 
 def test_tip_adapter_logits_and_affinity_match_the_formula():
     T, (tf, ty), (xf, _), (pf, py) = clusters(7, n_priming=300)
     a, b = 2.0, 5.5
     onehot = np.eye(10)[py]
-    want = 100 * xf[:20] @ T.T + a * np.exp(-b * (1 - xf[:20] @ pf.T)) @ onehot
-    np.testing.assert_allclose(C.tip_logits(xf[:20], T, pf, py, a, b), want, rtol=1e-4, atol=1e-3)
-    aff = C.class_affinity(xf[:20], pf, py, 10, (1.0, b), batch=7)
-    np.testing.assert_allclose(
-        aff[1], np.exp(-b * (1 - xf[:20] @ pf.T)) @ onehot, rtol=1e-4, atol=1e-5
-    )
+    cache = np.exp(-b * (1 - xf[:20] @ pf.T)) @ onehot
+    want = 100 * xf[:20] @ T.T + a * cache
+    got = TIP.tip_logits(xf[:20], T, pf, py, a, b, balanced=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # Balanced: the per-class mean of the same terms, on the scale of 16 keys per class.
+    mean = cache / onehot.sum(0) * TIP.TIP_KEYS_SCALE
+    got = TIP.tip_logits(xf[:20], T, pf, py, a, b)
+    np.testing.assert_allclose(got, 100 * xf[:20] @ T.T + a * mean, rtol=1e-4, atol=1e-3)
+    aff = TIP.class_affinity(xf[:20], pf, py, 10, (1.0, b), batch=7)
+    np.testing.assert_allclose(aff[1], cache, rtol=1e-4, atol=1e-5)
     # Held-out part: each shot's fold-mates' share of the cache term, computed directly.
     idx = C.sample_shots(ty, 3, 0, 10)
     sf, sy = tf[idx], ty[idx]
     folds = C.shot_folds(sy)
-    rem, counts = C.held_out_affinity(sf, sy, folds, 10, (b,))
+    rem, counts = TIP.held_out_affinity(sf, sy, folds, 10, (b,))
     same = folds[:, None] == folds[None, :]
     np.testing.assert_allclose(
         rem[0], (np.exp(-b * (1 - sf @ sf.T)) * same) @ np.eye(10)[sy], rtol=1e-4, atol=1e-5
     )
     assert (counts.sum(1) == np.bincount(folds)[folds]).all()
-    rem, counts = C.held_out_affinity(sf, sy, folds, 10)
-    val = C.class_affinity(sf, sf, sy, 10)
-    ch = C.search_tip(T, sf, sy, val, rem, np.bincount(sy, minlength=10), counts)
-    assert ch.rule == "cv-shots" and ch.value[0] in C.TIP_A_GRID and ch.value[1] in C.TIP_B_GRID
+    rem, counts = TIP.held_out_affinity(sf, sy, folds, 10)
+    val = TIP.class_affinity(sf, sf, sy, 10)
+    ch = TIP.search_tip(T, sf, sy, val, np.bincount(sy, minlength=10), rem, counts)
+    assert ch.rule == "cv-shots" and ch.value[0] in TIP.TIP_A_GRID and ch.value[1] in TIP.TIP_B_GRID
     one = C.sample_shots(ty, 1, 0, 10)
-    r1, c1 = C.held_out_affinity(tf[one], ty[one], C.shot_folds(ty[one]), 10)
-    fb = C.search_tip(
-        T,
-        tf[one],
-        ty[one],
-        C.class_affinity(tf[one], tf[one], ty[one], 10),
-        r1,
-        np.bincount(ty[one], minlength=10),
-        c1,
-    )
-    assert fb.rule == "fallback" and fb.value == C.TIP_DEFAULT
+    r1, c1 = TIP.held_out_affinity(tf[one], ty[one], C.shot_folds(ty[one]), 10)
+    v1 = TIP.class_affinity(tf[one], tf[one], ty[one], 10)
+    fb = TIP.search_tip(T, tf[one], ty[one], v1, np.bincount(ty[one], minlength=10), r1, c1)
+    assert fb.rule == "fallback" and fb.value == TIP.TIP_DEFAULT
+    # A held-out example that is not a key (group -1) removes nothing.
+    r2, c2 = TIP.held_out_affinity(sf, sy, np.full(len(sy), -1), 10, (b,))
+    assert not r2.any() and not c2.any()
+
+
+def test_tip_adapter_balanced_cache_keeps_small_classes_at_100_to_1():
+    """Five classes with 1000 priming images each, five with 10: the summed cache votes for the
+    large classes; the balanced one keeps the small classes' accuracy near the centroid head's."""
+    rng = np.random.default_rng(12)
+    c, d = 10, 32
+    centers = unit(rng.standard_normal((c, d)))
+    text = unit(centers + 1.3 * rng.standard_normal((c, d)) / np.sqrt(d)).astype(np.float32)
+    sizes = np.array([1000] * 5 + [10] * 5)
+    py = np.repeat(np.arange(c), sizes)
+    pf = unit(centers[py] + 1.6 * rng.standard_normal((len(py), d)) / np.sqrt(d)).astype(np.float32)
+    xy = np.repeat(np.arange(c), 200)
+    xf = unit(centers[xy] + 1.6 * rng.standard_normal((len(xy), d)) / np.sqrt(d)).astype(np.float32)
+    small = xy >= 5
+
+    sums, counts = C.class_sums(pf, py, c), np.bincount(py, minlength=c)
+    alpha = A.choose_alpha_priming(text, sums, counts, (pf, py, np.ones(len(py), bool))).value
+    centroid = C.predict(xf, C.weights_from_sums(text, sums, alpha))
+    centroid_small = np.mean(centroid[small] == xy[small])
+
+    held = np.sort(rng.choice(len(py), 1500, replace=False))
+    val = TIP.class_affinity(pf[held], pf, py, c)
+    rem, rem_counts = TIP.held_out_affinity(pf[held], py[held], np.arange(len(held)), c)
+    ch = TIP.search_tip(text, pf[held], py[held], val, counts, rem, rem_counts, rule="pool")
+    tip = np.argmax(TIP.tip_logits(xf, text, pf, py, *ch.value), axis=1)
+    assert np.mean(tip[small] == xy[small]) >= centroid_small - 0.05
+    assert centroid_small > 0.6  # the small classes are learnable
+    # Tip-Adapter's sum at the same (a, b): most predictions go to the large classes.
+    summed = np.argmax(TIP.tip_logits(xf, text, pf, py, *ch.value, balanced=False), axis=1)
+    assert np.mean(summed[small] == xy[small]) < centroid_small - 0.2
+    assert np.mean(summed >= 5) < 0.25

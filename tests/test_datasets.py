@@ -205,6 +205,34 @@ def test_imagenet_descriptions_are_keyed_by_imagenet_names():
     assert list(spec("ImageNet").descriptions) == list(spec("ImageNet").classes)
 
 
+CUPL = {  # dataset -> (a class, a phrase its CuPL sentences contain)
+    "FGVCAircraft": ("A380", "A380"),
+    "StanfordCars": ("Ram C/V Cargo Van Minivan 2012", "Ram"),
+    "Flowers102": ("sunflower", "sunflower"),
+    "Food101": ("sushi", "sushi"),
+    "OxfordIIITPet": ("Abyssinian", "Abyssinian"),
+    "SUN397": ("apse indoor", "apse"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUPL))
+def test_cupl_descriptions_cover_every_class_under_its_own_name(name):
+    """CuPL's files name some classes differently (letter case, SUN397's parentheses, one car);
+    _build.py keyed them by this project's names."""
+    s = spec(name)
+    assert raw(name)["descriptions"] == f"descriptions/{name}.json"
+    assert list(s.descriptions) == list(s.classes)
+    assert all(s.class_descriptions(i) for i in range(s.num_classes))
+    cls, phrase = CUPL[name]
+    text = " ".join(s.descriptions[cls]).lower()
+    assert phrase.lower() in text, (name, cls)
+
+
+def test_fashion_mnist_says_why_it_has_no_descriptions():
+    text = (Path(spec("FashionMNIST").path)).read_text(encoding="utf-8")
+    assert raw("FashionMNIST")["descriptions"] is None and "No public LLM-generated" in text
+
+
 def test_descriptions_can_be_skipped():
     """The text filter loads a dataset without its descriptions; the rest is the same."""
     from pipeline.core.config import load_dataset
@@ -228,6 +256,10 @@ def test_user_yaml_by_path_loads_like_the_bundled_name(tmp_path):
         load_dataset(str(copy))
     (tmp_path / "names").mkdir()
     shutil.copy(Path(src.path).parent / "names" / "StanfordCars.yaml", tmp_path / "names")
+    (tmp_path / "descriptions").mkdir()  # the YAML names its CuPL file relative to itself
+    shutil.copy(
+        Path(src.path).parent / "descriptions" / "StanfordCars.json", tmp_path / "descriptions"
+    )
     mine = load_dataset(str(copy))
     assert mine.path == str(copy)
     assert dataclasses.replace(mine, path=src.path) == src

@@ -14,6 +14,10 @@ Kept for provenance; not run by CI. Every input is a local copy (no network at r
   SRC/en_zeroshot_classification_templates.json   the same release (cross-check of templates)
   SRC/cupl_prompts.json        clip_benchmark 1.6.2 ``datasets/cupl_prompts.json``: CuPL's
                                descriptions of the ImageNet classes
+  SRC/cupl/<name>_prompts_full.json   sarahpratt/CuPL ``all_prompts/full_prompts/`` (commit
+                               719619c8, the CuPL paper's GPT-3 descriptions, 20-90 per class)
+                               for airplane, cars, flower, food, pets and sun: written to
+                               descriptions/<Dataset>.json keyed by this project's class names
   SRC/clip_benchmark_builder.py   optional, clip_benchmark 1.6.2 ``datasets/builder.py``: its
                                ImageNet-A/-R wnid lists, a second source for the 200-class subsets
   open_clip (installed)        ``open_clip/zero_shot_metadata.py``: IMAGENET_CLASSNAMES (OpenAI's
@@ -39,6 +43,10 @@ Decisions recorded here:
 - Synonyms: a few common alternative names, each checked not to name another class.
 - ``names`` and ``exclude`` sections of an existing YAML are kept as they are: exclusions are
   written by hand, names files by ``_variants.py`` (run it after this script).
+- CuPL descriptions: the CuPL files name classes as the CLIP prompts do, except Pets (other
+  letter case), SUN397 (qualifiers in parentheses: "apse (indoor)" for "apse indoor") and one
+  car ("Ram CV Cargo Van Minivan 2012" for "Ram C/V ..."); each is matched to exactly one
+  class or the build stops. FashionMNIST has no public LLM descriptions.
 """
 
 from __future__ import annotations
@@ -135,6 +143,43 @@ SYNONYMS = {
 }
 
 
+CUPL_SRC = "CuPL descriptions from sarahpratt/CuPL all_prompts/full_prompts"
+# CuPL file stem -> dataset; a class is matched by name after _cupl_key.
+CUPL_FILES = {
+    "airplane": "FGVCAircraft",
+    "cars": "StanfordCars",
+    "flower": "Flowers102",
+    "food": "Food101",
+    "pets": "OxfordIIITPet",
+    "sun": "SUN397",
+}
+
+
+def _cupl_key(name: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[()]", " ", name.replace("/", ""))).strip().lower()
+
+
+def cupl_descriptions(src: Path, name: str, classes: list[str]) -> str | None:
+    """Write descriptions/<name>.json from CuPL's file for ``name`` (its path relative to this
+    folder), or None when CuPL has none. Every class must match exactly one CuPL entry."""
+    stem = {v: k for k, v in CUPL_FILES.items()}.get(name)
+    path = src / "cupl" / f"{stem}_prompts_full.json"
+    if stem is None or not path.exists():
+        return None
+    cupl = json.loads(path.read_text(encoding="utf-8"))
+    by_key: dict[str, list[str]] = {}
+    for k, v in cupl.items():
+        assert _cupl_key(k) not in by_key, (name, k)
+        by_key[_cupl_key(k)] = v
+    missing = [c for c in classes if not by_key.get(_cupl_key(c))]
+    if missing or len(by_key) != len(classes):
+        raise SystemExit(f"{path}: {len(missing)} classes unmatched, e.g. {missing[:3]}")
+    rel = f"descriptions/{name}.json"
+    out = {c: by_key[_cupl_key(c)] for c in classes}
+    (HERE / rel).write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")), "utf-8")
+    return rel
+
+
 def parse_prompts_md(text: str) -> dict[str, dict[str, list[str]]]:
     """``{section: {"classes": [...], "templates": [...]}}`` from prompts.md's code blocks."""
     out = {}
@@ -189,9 +234,9 @@ def write(name, source, layout, classes, templates, synonyms=None, descriptions=
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000)
     assert yaml.safe_load(text) == doc, name  # every name round-trips
     path = HERE / f"{name}.yaml"
-    # Sections kept by hand (exclusions) or by _variants.py (names) are carried over as written.
+    # Sections kept by hand (exclusions, senses) or by _variants.py (names) are carried over.
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    kept = re.findall(r"^(?:names|exclude):.*\n(?:[ -].*\n|\n)*", old, re.M)
+    kept = re.findall(r"^(?:names|exclude|sense):.*\n(?:[ -].*\n|\n)*", old, re.M)
     path.write_text(text + "".join(kept), encoding="utf-8")
 
 
@@ -213,7 +258,9 @@ def main(src: str) -> None:
     ):
         classes, templates = p[section]["classes"], p[section]["templates"]
         assert templates == [t.replace("{c}", "{}") for t in cb_templates[cb_key]], name
-        write(name, clip_src, name, classes, templates, SYNONYMS.get(name))
+        desc = cupl_descriptions(src, name, classes)
+        source = clip_src + (f"; {CUPL_SRC}" if desc else "")
+        write(name, source, name, classes, templates, SYNONYMS.get(name), desc)
     assert p["Flowers102"]["classes"] == cb_names["flowers"]
 
     pets = cb_names["pets"]
@@ -221,11 +268,13 @@ def main(src: str) -> None:
     assert sorted(c.lower() for c in p["OxfordPets"]["classes"]) == [c.lower() for c in pets]
     write(
         "OxfordIIITPet",
-        "clip_benchmark en_classnames.json (the dataset's class-id order); templates from openai/CLIP data/prompts.md",
+        "clip_benchmark en_classnames.json (the dataset's class-id order); templates from openai/CLIP data/prompts.md; "
+        + CUPL_SRC,
         "OxfordIIITPet",
         pets,
         p["OxfordPets"]["templates"],
         SYNONYMS["OxfordIIITPet"],
+        cupl_descriptions(src, "OxfordIIITPet", pets),
     )
 
     original, templates_in = open_clip_metadata()

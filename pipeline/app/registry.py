@@ -187,7 +187,7 @@ def add_stage_parser(
         dest = opt.to.replace(":", "__").replace(".", "__")
         if opt.flags[0].startswith("-"):
             kwargs["dest"] = dest
-            if kwargs.get("action") is None:  # `--pool POOL`, not `--pool INPUT__POOL`
+            if kwargs.get("action") in (None, "append"):  # `--pool POOL`, not `--pool INPUT__POOL`
                 kwargs.setdefault("metavar", opt.flags[0].lstrip("-").upper().replace("-", "_"))
         else:
             kwargs["metavar"] = kwargs.get("metavar", opt.flags[0].upper())

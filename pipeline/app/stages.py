@@ -156,6 +156,7 @@ def run_evaluate(call: Call) -> dict:
         call.out,
         i.get("priming"),
         call.overwrite,
+        call.params.get("priming_dataset"),
     )
 
 
@@ -626,7 +627,15 @@ STAGES: dict[str, Stage] = {
                 Option(
                     ("--priming",),
                     "input:priming",
-                    "priming embeddings, or a decision (its kept pool rows)",
+                    "priming embeddings or a decision; repeat for several (zero-shot priming "
+                    "from the CLIP filter's decision, transductive priming from the "
+                    "transductive one)",
+                    {"action": "append"},
+                ),
+                Option(
+                    ("--priming-dataset",),
+                    "param:priming_dataset",
+                    "the dataset the priming pools' labels belong to (default --dataset)",
                 ),
                 _out(),
                 Option(("--shots",), "evaluate.shots", "comma list of shots per class"),
@@ -639,6 +648,12 @@ STAGES: dict[str, Stage] = {
                     "evaluate.head",
                     "centroid or tip-adapter",
                     {"choices": ["centroid", "tip-adapter"]},
+                ),
+                Option(
+                    ("--protocol",),
+                    "evaluate.protocol",
+                    "primer, or reference: what the public Neural Priming code computes",
+                    {"choices": ["primer", "reference"]},
                 ),
             ),
             _evaluated,

@@ -62,7 +62,7 @@ class Step:
     name: str
     stage: str
     out: str
-    inputs: dict[str, str | Callable[[Run], str]] = field(default_factory=dict)
+    inputs: dict[str, str | Callable[[Run], str | list[str]]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     enabled: Callable[[Run], bool] = lambda r: True
     settings: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -92,6 +92,13 @@ def priming_step(r: Run) -> str:
     if r.s.clip_filter:
         return "clip-filter"
     return "import-embeddings" if r.select_first else "embed-pool"
+
+
+def priming_steps(r: Run) -> list[str]:
+    """What evaluation scores, each under its protocol (read from the decision): zero-shot
+    priming (the CLIP filter's decision, or the pool), and transductive priming when on."""
+    zero_shot = "clip-filter" if r.s.clip_filter else _pool(r)
+    return [zero_shot, "transductive"] if r.s.transductive else [zero_shot]
 
 
 def _pool(r: Run) -> str:
@@ -155,7 +162,7 @@ STEPS: tuple[Step, ...] = (
          enabled=_downloads),
     Step("evaluate", "evaluate", "eval",
          {"train": "embed-task-train", "test": "embed-task-test", "text": "embed-text",
-          "priming": lambda r: "embed-pool" if r.folder_space else priming_step(r)}),
+          "priming": lambda r: ["embed-pool"] if r.folder_space else priming_steps(r)}),
     Step("report", "report", "report"),
 )  # fmt: skip
 STEP = {s.name: s for s in STEPS}
@@ -353,7 +360,9 @@ def step_call(
     inputs = {}
     for name, source in step.inputs.items():
         src = source(run) if callable(source) else source
-        if src.startswith("subset."):  # a source of the run, not another step's output
+        if isinstance(src, list):  # several steps' outputs (those the run includes)
+            inputs[name] = [io.join(run_dir, STAGE_OUT[x]) for x in src if STEP[x].enabled(run)]
+        elif src.startswith("subset."):  # a source of the run, not another step's output
             inputs[name] = (
                 metadata_of(config)
                 if src == "subset.metadata"

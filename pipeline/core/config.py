@@ -92,12 +92,13 @@ class DatasetSpec:
         return out
 
     def sense_of(self, class_index: int) -> str:
-        """The sense the class's name is meant in: the first CuPL description where the dataset
-        has them (a gloss of that very class), else ``sense`` (the dataset's domain), else the
-        first template filled with the name."""
-        described = self.class_descriptions(class_index)
-        if described:
-            return described[0]
+        """The sense the class's name is meant in: ``sense`` (the dataset's domain, "a type of
+        flower"), or, where ``sense`` is ``descriptions`` (datasets whose classes share no one
+        domain, as ImageNet's), the class's first CuPL description (a gloss of that very
+        class); the first template filled with the name where neither is given."""
+        if self.sense == "descriptions":
+            described = self.class_descriptions(class_index)
+            return described[0] if described else self.prompts(class_index)[0]
         return self.sense or self.prompts(class_index)[0]
 
     def class_descriptions(self, class_index: int) -> list[str]:

@@ -81,15 +81,14 @@ def _run(fn, tasks: list, cfg: PrecomputedConfig, master: str | None, desc: str)
 
         with ThreadPoolExecutor(cfg.io_threads) as pool:
             return list(tqdm(pool.map(fn, tasks), total=len(tasks), desc=desc, disable=None))
-    from pipeline.core.spark import JobProgress, get_spark
-    from pipeline.text_filter.stage import _spark_error_message
+    from pipeline.core.spark import JobProgress, get_spark, task_error_message
 
     sc = get_spark(master, app_name="primer-import-embeddings").sparkContext
     try:
         with JobProgress(sc, desc, len(tasks)):
             return sc.parallelize(tasks, len(tasks)).map(fn).collect()
     except Exception as e:
-        raise io.InputError(_spark_error_message(e)) from None
+        raise io.InputError(task_error_message(e, "import")) from None
 
 
 def _join_task(t: dict) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:

@@ -51,7 +51,8 @@ def _argv(step, run: str) -> list[str]:
             if opt.kwargs.get("action") == "store_true":
                 argv += [opt.flags[0]] if value else []
             else:
-                argv += [opt.flags[0], str(value)]
+                for item in value if isinstance(value, list) else [value]:
+                    argv += [opt.flags[0], str(item)]
     for item in demo_overrides():
         argv += ["--set", item]
     return argv
