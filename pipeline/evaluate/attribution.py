@@ -58,7 +58,7 @@ class AttributeConfig:
     """
 
     labelled: str = "train"
-    max_per_class: int = 0
+    max_per_class: int = 32
     shots: int = 5
     seed: int = 0
     alpha: str = "auto"

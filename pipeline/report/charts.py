@@ -256,10 +256,16 @@ def stage_chart(
     height: int = 340,
 ) -> str:
     """Grouped bars: per class, one bar per stage (matched, downloaded, kept by each filter,
-    in the subset), in the order of ``counts``; a legend names the stages."""
+    in the subset), in the order of ``counts``; a legend names the stages. Classes keep their
+    order up to :data:`MAX_LABELLED`; more are sorted by the first stage's count, largest
+    first, so the chart reads as a distribution (names in the tooltips)."""
     stages = list(counts)
     n = len(classnames)
     labelled = n <= MAX_LABELLED
+    order = list(range(n))
+    if not labelled and stages:
+        first = counts[stages[0]]
+        order.sort(key=lambda c: -int(first[c]))
     longest = max((len(c) for c in classnames), default=0)
     label_h = min(7 * longest, 140) + 10 if labelled else 10
     legend_h = 20
@@ -286,8 +292,9 @@ def stage_chart(
     out.append("</g>")
     slot = (right - left) / max(n, 1)
     bar_w = max(slot * 0.85 / max(len(stages), 1), 0.3)
-    for c, cname in enumerate(classnames):
-        x0 = left + c * slot + slot * 0.075
+    for i, c in enumerate(order):
+        cname = classnames[c]
+        x0 = left + i * slot + slot * 0.075
         out.append(f"<g class='group' data-class='{esc(cname)}'>")
         for j, s in enumerate(stages):
             v = int(counts[s][c])
@@ -299,7 +306,7 @@ def stage_chart(
                 "</title></rect>"
             )
         if labelled:
-            cx = left + (c + 0.5) * slot
+            cx = left + (i + 0.5) * slot
             out.append(
                 f"<text class='bar-label' x='{_f(cx)}' y='{_f(bottom + 12)}' text-anchor='end' "
                 f"transform='rotate(-45 {_f(cx)} {_f(bottom + 12)})'>{esc(cname)}</text>"

@@ -293,7 +293,22 @@ def _attribution(run_dir: str, examples: dict[str, Example], show: int = 12) -> 
             )
         ranking[side] = shown
     ranking["rows"] = _read_json(io.join(out, "dropped.json")).get("rows", [])
+    ranking["stale"] = _stale(run_dir, out)
     return ranking
+
+
+def _stale(run_dir: str, out: str) -> list[str]:
+    """The inputs of the attribution that the run has since redone (by their fingerprints)."""
+    from pipeline.core import fingerprint
+    from pipeline.evaluate.attribution import run_sources
+
+    made = (fingerprint.stored(out) or {}).get("inputs", {})
+    now = run_sources(run_dir)["inputs"]
+    return [
+        k
+        for k in ("train", "text", "priming")
+        if k in made and k in now and made[k] != fingerprint.input_identity(now[k])
+    ]
 
 
 def _thumb(data: bytes | None, size: int = 128) -> str:
@@ -427,6 +442,11 @@ def _attribution_html(summary: RunSummary, figs: dict[str, str]) -> str:
         f"term or class is removed: {s['helpful']} of {s['n_images']} images help, "
         f"{s['harmful']} hurt, {s['neutral']} change nothing.</p>",
     ]
+    if a.get("stale"):
+        parts.append(
+            f"<p class='warn'>The run's {esc(', '.join(a['stale']))} changed after this "
+            "attribution was made: rerun <code>primer attribute RUN_DIR --overwrite</code>.</p>"
+        )
     if a.get("rows"):
         parts.append(
             f"<p>Priming without the {s.get('dropped', 0)} harmful images, evaluated as the "

@@ -321,6 +321,10 @@ def test_shots_as_the_labelled_set(dirs, tmp_path):
             w["tr_y"][idx],
         )
         assert r["correct_without"] == right
+    capped = str(tmp_path / "capped")
+    assert main(_argv(dirs, capped, "--set", "attribute.max_per_class=5")) == 0
+    summary = io.read_json(io.join(capped, "ranking.json"))["summary"]
+    assert summary["labelled"] == {"source": "train", "n": 30, "split": "train"}
 
 
 def test_missing_inputs_are_named(tmp_path, caplog):

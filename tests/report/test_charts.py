@@ -131,6 +131,16 @@ def test_stage_chart_draws_a_bar_per_class_and_stage():
     assert h[("boot", "matched")] == 0
     legend = [t.text for t in root.findall(".//s:g[@class='legend']/s:text", NS)]
     assert legend == list(counts)
+    # Many classes: sorted by the first stage's count, names in the tooltips only.
+    n = charts.MAX_LABELLED + 5
+    many = {"matched": [(7 * i) % n for i in range(n)], "subset": [1] * n}
+    root = _parse(charts.stage_chart([f"k{i}" for i in range(n)], many))
+    firsts = [
+        int(g.find("s:rect", NS).get("data-value"))
+        for g in root.findall(".//s:g[@class='group']", NS)
+    ]
+    assert firsts == sorted(many["matched"], reverse=True)
+    assert not root.findall(".//s:text[@class='bar-label']", NS)
 
 
 def test_data_is_escaped_everywhere():

@@ -127,3 +127,16 @@ def test_report_charts_render_in_headless_chromium(attributed_run, tmp_path):
 
     # The charts were painted: the gain bars' green and the first series' blue.
     assert pixels(charts.GAIN) > 500 and pixels(charts.PALETTE[0]) > 500
+
+
+def test_an_attribution_older_than_the_priming_set_is_flagged(attributed_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(attributed_run, run)
+    assert page.collect_run(run, per_class=1).attribution["stale"] == []
+    # The transductive filter redone (a new run id in its fingerprint) after the attribution.
+    fp_file = os.path.join(run, "decisions", "transductive", "_FINGERPRINT")
+    fp = io.read_json(fp_file)
+    io.write_json(fp_file, {**fp, "run": "redone"})
+    summary = page.collect_run(run, per_class=1)
+    assert summary.attribution["stale"] == ["priming"]
+    assert "changed after this attribution was made" in page.render_html(summary)
