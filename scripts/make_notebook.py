@@ -8,8 +8,9 @@ cells = [
         "# Inspect a priming subset\n\n"
         "Pick a run directory written by `primer subset` (or `make demo`). Per class: the retrieved "
         "images with their captions, match terms, CLIP scores and why each was kept or dropped; "
-        "per-class counts through the stages; the accuracy table. Nothing is recomputed: this reads "
-        "the stages' files. `primer report RUN_DIR` writes the same views as one HTML page."
+        "per-class counts through the stages; the accuracy table and charts; with `primer attribute "
+        "RUN_DIR`, which priming images help. Nothing is recomputed but the per-class accuracies "
+        "(from the cached embeddings). `primer report RUN_DIR` writes the same views as one HTML page."
     ),
     nbf.v4.new_code_cell(
         "import os\n"
@@ -24,11 +25,12 @@ cells = [
         "import io\n"
         "import matplotlib.pyplot as plt\n"
         "import pandas as pd\n"
-        "from IPython.display import Markdown, display\n"
+        "from IPython.display import SVG, Markdown, display\n"
         "from PIL import Image\n"
-        "from pipeline.report.page import collect_run\n"
+        "from pipeline.report.page import collect_run, figures\n"
         "\n"
         "run = collect_run(RUN_DIR, per_class=PER_CLASS)\n"
+        "charts = figures(run)  # the report's charts, as SVG\n"
         "if run.untrained:\n"
         "    display(Markdown('**Untrained model weights: scores and accuracies are meaningless.**'))\n"
         "print(f'{len(run.classnames)} classes in {RUN_DIR}')"
@@ -37,11 +39,43 @@ cells = [
     nbf.v4.new_code_cell(
         "counts = pd.DataFrame(run.counts, index=pd.Index(run.classnames, name='class'))\n"
         "counts.loc['total'] = counts.sum()\n"
-        "counts"
+        "display(counts)\n"
+        "if 'stages' in charts:\n"
+        "    display(SVG(charts['stages']))"
     ),
     nbf.v4.new_markdown_cell("## Accuracy"),
     nbf.v4.new_code_cell(
-        "display(Markdown(run.results_md or '_no evaluation in this run directory_'))"
+        "display(Markdown(run.results_md or '_no evaluation in this run directory_'))\n"
+        "for name in ('accuracy-shots', 'per-class-gain'):\n"
+        "    if name in charts:\n"
+        "        display(SVG(charts[name]))"
+    ),
+    nbf.v4.new_markdown_cell(
+        "## Which priming images help\n\n"
+        "`primer attribute RUN_DIR` ranks the priming images, caption terms and classes by the "
+        "accuracy the centroid head loses on labelled train images without them (never test "
+        "labels). Below: per class and per term, then the most helpful and the most harmful images."
+    ),
+    nbf.v4.new_code_cell(
+        "def show_images(exs, title):\n"
+        "    exs = [e for e in exs if e.image][:8]\n"
+        "    if not exs:\n"
+        "        return\n"
+        "    fig, axes = plt.subplots(1, len(exs), figsize=(2.2 * len(exs), 2.8), squeeze=False)\n"
+        "    for ax, e in zip(axes[0], exs):\n"
+        "        ax.imshow(Image.open(io.BytesIO(e.image)).convert('RGB'))\n"
+        "        ax.set_title(f'{e.caption[:28]}\\n[{e.matched_term}] {100 * e.influence[0]:+.2f} pts', fontsize=6)\n"
+        "        ax.axis('off')\n"
+        "    fig.suptitle(title, fontsize=9)\n"
+        "    plt.show()\n"
+        "\n"
+        "if run.attribution is None:\n"
+        "    print(f'no attribution in {RUN_DIR}: run primer attribute {RUN_DIR}')\n"
+        "else:\n"
+        "    for name in ('class-influence', 'term-influence'):\n"
+        "        display(SVG(charts[name]))\n"
+        "    show_images(run.attribution['helpful'], 'most helpful (accuracy lost without each)')\n"
+        "    show_images(run.attribution['harmful'], 'most harmful (accuracy lost without each)')"
     ),
     nbf.v4.new_markdown_cell(
         "## Retrieved images per class\n\nGreen titles were kept by every filter; red ones were dropped (the reason follows)."
@@ -66,6 +100,8 @@ cells = [
         "    show_class(c)"
     ),
 ]
+for i, cell in enumerate(cells):
+    cell["id"] = f"cell-{i:02d}"  # fixed ids: regenerating changes only what changed
 nb["cells"] = cells
 nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 nbf.write(nb, "notebooks/inspect_subset.ipynb")

@@ -101,6 +101,7 @@ SECTIONS: dict[str, str] = {
     "materialise": "pipeline.materialise:MaterialiseConfig",
     "evaluate": "pipeline.evaluate.stage:EvaluateConfig",
     "precomputed": "pipeline.precomputed.config:PrecomputedConfig",
+    "attribute": "pipeline.evaluate.attribution:AttributeConfig",
 }
 
 

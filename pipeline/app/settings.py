@@ -45,7 +45,8 @@ class SubsetConfig:
     glob (needed by the text filter). ``data_root``: the target task's images, in the layout
     the dataset config names (needed by the task embeddings). ``run_dir`` defaults to
     ``<run.root>/<dataset>``. ``caption_filter``: run the caption sense filter between the
-    text filter and the download. ``clip_filter`` / ``transductive``: run those filters.
+    text filter and the download. ``clip_filter`` / ``transductive``: run those filters. ``attribute``: rank
+    the priming images, terms and classes by their effect on labelled train accuracy.
 
     Precomputed embeddings (LAION / clip-retrieval layout): ``embeddings`` is the folder's
     root; selection then runs on the candidates' imported vectors before anything is
@@ -63,6 +64,7 @@ class SubsetConfig:
     caption_filter: bool = True
     clip_filter: bool = True
     transductive: bool = True
+    attribute: bool = True
     embeddings: str = ""
     candidates: tuple[str, ...] = ("text",)
     force_download: bool = False

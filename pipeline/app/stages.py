@@ -167,6 +167,12 @@ def run_report(call: Call) -> dict:
     return {"report": write_report(p["run_dir"], p.get("out"), p.get("per_class") or 12)}
 
 
+def run_attribute(call: Call) -> dict:
+    from pipeline.evaluate.attribution import run_call
+
+    return run_call(call)
+
+
 def run_import_embeddings(call: Call) -> dict:
     from pipeline.precomputed.importer import run_import
 
@@ -657,6 +663,52 @@ STAGES: dict[str, Stage] = {
                 ),
             ),
             _evaluated,
+        ),
+        Stage(
+            "attribute",
+            "rank priming images, caption terms and classes by their effect on accuracy",
+            "pipeline.app.stages:run_attribute",
+            "attribute",
+            (
+                Option(
+                    ("run_dir",),
+                    "param:run_dir",
+                    "a primer subset run directory (gives every input)",
+                    {"nargs": "?"},
+                ),
+                Option(("--dataset",), "param:dataset", "bundled dataset name or a dataset YAML"),
+                Option(("--task-train",), "input:train", "train-split embeddings (labelled)"),
+                Option(("--text",), "input:text", "class prompt embeddings (embed-text)"),
+                Option(("--priming",), "input:priming", "priming embeddings or a decision"),
+                Option(("--matches",), "input:matches", "the text filter's matches (terms)"),
+                Option(("--task-test",), "input:test", "test embeddings (--drop-harmful only)"),
+                Option(("--out",), "out", "output directory (default RUN_DIR/attribution)"),
+                Option(
+                    ("--labelled",),
+                    "attribute.labelled",
+                    "the labelled set: the train split or shots drawn from it",
+                    {"choices": ["train", "shots"]},
+                ),
+                Option(("--alpha",), "attribute.alpha", "text head weight in [0, 1], or auto"),
+                Option(
+                    ("--drop-harmful",),
+                    "attribute.drop_harmful",
+                    "drop the harmful images and re-evaluate (rows of their own)",
+                    {"action": "store_true"},
+                ),
+                Option(
+                    ("--max-drop",),
+                    "attribute.max_drop",
+                    "at most this many dropped (0: all)",
+                    {"type": int},
+                ),
+            ),
+            lambda s, c: s["line"],
+            description="For the training-free centroid head, the exact change in accuracy on "
+            "a labelled set (the train split or shots; never test labels) when each priming "
+            "image, caption term or class is removed (Jain et al., A Data-Based Perspective on "
+            "Transfer Learning). Writes images/terms/classes.parquet and ranking.json under "
+            "--out; --drop-harmful also evaluates the priming set without the harmful images.",
         ),
         Stage(
             "report",

@@ -1,7 +1,7 @@
 """``primer subset``: every stage of the registry, in order, under one run directory.
 
 text filter -> download -> embed (pool, task train/test, class prompts) -> CLIP-score filter
--> transductive filter -> materialise -> evaluate -> report
+-> transductive filter -> materialise -> evaluate -> attribute -> report
 
 :data:`STEPS` places the registry's stages (:mod:`pipeline.app.stages`) in a run directory:
 each step's output directory and where its inputs come from. Each stage is called as a
@@ -163,6 +163,10 @@ STEPS: tuple[Step, ...] = (
     Step("evaluate", "evaluate", "eval",
          {"train": "embed-task-train", "test": "embed-task-test", "text": "embed-text",
           "priming": lambda r: ["embed-pool"] if r.folder_space else priming_steps(r)}),
+    Step("attribute", "attribute", "attribution",
+         {"train": "embed-task-train", "text": "embed-text", "priming": priming_step,
+          "matches": _matches},
+         enabled=lambda r: r.s.attribute and not r.folder_space),
     Step("report", "report", "report"),
 )  # fmt: skip
 STEP = {s.name: s for s in STEPS}
@@ -170,14 +174,14 @@ STEP_NAMES = tuple(s.name for s in STEPS)
 # The order of a run from metadata alone: download what the text filter found, then select.
 TEXT_ORDER = (
     "filter", "caption-filter", "download", "embed-pool", "embed-task-train", "embed-task-test", "embed-text",
-    "clip-filter", "transductive", "materialise", "evaluate", "report",
+    "clip-filter", "transductive", "materialise", "evaluate", "attribute", "report",
 )  # fmt: skip
 # The order of a run that selects on precomputed embeddings before downloading.
 SELECT_FIRST_ORDER = (
     "filter", "caption-filter", "embed-task-train", "embed-task-test", "embed-text", "embed-text-folder",
     "embed-task-test-folder", "knn-text", "knn-image", "candidates", "import-embeddings",
     "clip-filter", "transductive", "kept", "download", "embed-pool", "materialise", "evaluate",
-    "report",
+    "attribute", "report",
 )  # fmt: skip
 # Where each step writes, relative to the run directory (the report reads it too).
 STAGE_OUT = {s.name: s.out for s in STEPS}

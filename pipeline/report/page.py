@@ -1,10 +1,13 @@
 """Inspect a run directory: per-class counts through the stages, retrieved images with their
-captions, match terms, scores and kept/dropped reasons, and the accuracy table.
+captions, match terms, scores and kept/dropped reasons, the accuracy table and charts, and
+which priming images help (``primer attribute``'s ranking, when the run has one).
 
-:func:`collect_run` gathers everything from the files the stages wrote (no recomputation);
-:func:`render_html` turns it into one self-contained page (thumbnails embedded as data URIs,
-so it reads offline and can be mailed around). The notebook ``notebooks/inspect_subset.ipynb``
-uses the same functions.
+:func:`collect_run` gathers everything from the files the stages wrote (the per-class
+accuracies are rebuilt from the cached embeddings, :mod:`pipeline.report.per_class`);
+:func:`figures` draws the charts as inline SVG (:mod:`pipeline.report.charts`);
+:func:`render_html` turns it all into one self-contained page (thumbnails embedded as data
+URIs, no script, so it reads offline and can be mailed around). The notebook
+``notebooks/inspect_subset.ipynb`` uses the same functions.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Example:
     status: str = ""
     decisions: dict[str, tuple[bool, float, str]] = field(default_factory=dict)
     image: bytes | None = None
+    influence: tuple[float, float] | None = None  # accuracy and mean margin lost without it
 
     @property
     def kept(self) -> bool:
@@ -67,6 +71,9 @@ class RunSummary:
     results_md: str = ""
     stats: dict[str, dict] = field(default_factory=dict)
     untrained: bool = False
+    records: list[dict] = field(default_factory=list)  # the evaluation's rows, then attribution's
+    per_class: dict | None = None
+    attribution: dict | None = None  # ranking.json, with "helpful"/"harmful" as Examples
 
 
 def _table(url: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -212,11 +219,18 @@ def collect_run(
         dropped = [e for e in exs if not e.kept][: per_class - len(kept)]
         chosen[c] = kept + dropped
     wanted = {e.uid for exs in chosen.values() for e in exs}
+    attribution = _attribution(run_dir, examples)
+    if attribution:
+        wanted |= {e.uid for k in ("helpful", "harmful") for e in attribution[k]}
     shards = {shard_of[u] for u in wanted if u in shard_of} if manifest is not None else None
     images = _images_for(p["shards"], wanted, shards) if wanted else {}
-    for exs in chosen.values():
+    for exs in [*chosen.values(), *(attribution[k] for k in ("helpful", "harmful") if attribution)]:
         for e in exs:
             e.image = images.get(e.uid)
+    results = _read_json(io.join(p["eval"], "results.json"))
+    records = [r for r in results.get("records", []) if "method" in r and "accuracy" in r]
+    if attribution:
+        records += attribution.get("rows", [])
     results_md = ""
     try:
         results_md = io.read_bytes(io.join(p["eval"], "results.md")).decode("utf-8")
@@ -235,7 +249,66 @@ def collect_run(
         results_md=results_md,
         stats={k: v for k, v in stats.items() if v},
         untrained=bool(pool_meta.get("untrained")),
+        records=records,
+        per_class=_per_class_of(run_dir, results),
+        attribution=attribution,
     )
+
+
+def _per_class_of(run_dir: str, results: dict) -> dict | None:
+    from pipeline.report import per_class
+
+    try:
+        return per_class.compute(run_dir, results)
+    except (io.InputError, OSError, ValueError, KeyError) as e:  # the chart is left out
+        log.warning("no per-class accuracies for %s: %s", run_dir, e)
+        return None
+
+
+def _attribution(run_dir: str, examples: dict[str, Example], show: int = 12) -> dict | None:
+    """``primer attribute``'s ranking.json, its ``show`` most helpful and most harmful images
+    as :class:`Example` (caption and term from the ranking), and the re-evaluated rows."""
+    from pipeline.evaluate.attribution import OUT_DIR
+
+    out = io.join(run_dir, OUT_DIR)
+    if not io.is_done(out):
+        return None
+    ranking = _read_json(io.join(out, "ranking.json"))
+    if not ranking:
+        return None
+    for side in ("helpful", "harmful"):
+        shown = []
+        for r in ranking.get(side, [])[:show]:
+            known = examples.get(r["uid"])
+            shown.append(
+                Example(
+                    r["uid"],
+                    int(r["label"]),
+                    r.get("caption") or "",
+                    r.get("matched_term") or "",
+                    known.status if known else "",
+                    dict(known.decisions) if known else {},
+                    influence=(float(r["influence"]), float(r["margin_influence"])),
+                )
+            )
+        ranking[side] = shown
+    ranking["rows"] = _read_json(io.join(out, "dropped.json")).get("rows", [])
+    ranking["stale"] = _stale(run_dir, out)
+    return ranking
+
+
+def _stale(run_dir: str, out: str) -> list[str]:
+    """The inputs of the attribution that the run has since redone (by their fingerprints)."""
+    from pipeline.core import fingerprint
+    from pipeline.evaluate.attribution import run_sources
+
+    made = (fingerprint.stored(out) or {}).get("inputs", {})
+    now = run_sources(run_dir)["inputs"]
+    return [
+        k
+        for k in ("train", "text", "priming")
+        if k in made and k in now and made[k] != fingerprint.input_identity(now[k])
+    ]
 
 
 def _thumb(data: bytes | None, size: int = 128) -> str:
@@ -288,6 +361,119 @@ def _md_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
+def figures(summary: RunSummary, max_terms: int = 40) -> dict[str, str]:
+    """The run's charts as SVG strings, by name: ``accuracy-shots`` (every method against
+    shots), ``per-class-gain`` (priming over zero-shot, per class, sorted), ``stages`` (images
+    per class through the stages) and, with an attribution, ``class-influence`` and
+    ``term-influence`` (accuracy lost on the labelled set when each is removed). A chart
+    without data is left out."""
+    from pipeline.report import charts
+    from pipeline.report import per_class as pc
+
+    out: dict[str, str] = {}
+    series = charts.accuracy_series(summary.records)
+    if series:
+        out["accuracy-shots"] = charts.accuracy_chart(series)
+    if summary.per_class:
+        names, gain = pc.gains(summary.per_class)
+        title = (
+            f"Per-class gain of {summary.per_class['priming']} over zero-shot CLIP "
+            f"(alpha {summary.per_class['alpha']:g})"
+        )
+        out["per-class-gain"] = charts.bar_chart(
+            names, gain, "per-class-gain", title, "gain (points)", unit=" points"
+        )
+    if summary.counts and summary.classnames:
+        out["stages"] = charts.stage_chart(summary.classnames, summary.counts)
+    a = summary.attribution
+    if a:
+        n = a["summary"]["labelled"]["n"]
+        out["class-influence"] = charts.bar_chart(
+            [r["class"] for r in a["classes"]],
+            [100 * r["influence"] for r in a["classes"]],
+            "class-influence",
+            f"Accuracy lost on {n} labelled images without each class's priming images",
+            "points lost",
+            unit=" points",
+        )
+        terms = a["terms"]
+        if len(terms) > max_terms:  # the most helpful and the most harmful
+            terms = terms[: max_terms // 2] + terms[-(max_terms // 2) :]
+        out["term-influence"] = charts.bar_chart(
+            [
+                r["term"] if r["term"] == r["classes"] else f"{r['term']} ({r['classes']})"
+                for r in terms
+            ],
+            [100 * r["influence"] for r in terms],
+            "term-influence",
+            f"Accuracy lost on {n} labelled images without each caption term's images",
+            "points lost",
+            unit=" points",
+        )
+    return out
+
+
+def _cards(exs: list[Example], classnames: list[str]) -> str:
+    esc = html.escape
+    parts = ["<div class='grid'>"]
+    for e in exs:
+        lost, margin = e.influence or (0.0, 0.0)
+        name = classnames[e.label] if 0 <= e.label < len(classnames) else str(e.label)
+        parts.append(
+            f"<div class='card attributed'>{_thumb(e.image)}"
+            f"<div>{esc(html.unescape(e.caption)[:120])}</div><div><b>class:</b> {esc(name)}"
+            f"</div><div><b>term:</b> {esc(e.matched_term)}</div>"
+            f"<div>{100 * lost:+.2f} points, margin {margin:+.3g}</div></div>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _attribution_html(summary: RunSummary, figs: dict[str, str]) -> str:
+    a = summary.attribution
+    if not a:
+        return ""
+    s, esc = a["summary"], html.escape
+    parts = [
+        "<h2 id='attribution'>Which priming images help</h2>",
+        f"<p>For the centroid head at alpha {s['alpha']:g} ({esc(s['alpha_rule'])}), the "
+        f"change in accuracy on {s['labelled']['n']} labelled images of the train split "
+        f"({esc(s['labelled']['source'])}; never test labels) when one priming image, caption "
+        f"term or class is removed: {s['helpful']} of {s['n_images']} images help, "
+        f"{s['harmful']} hurt, {s['neutral']} change nothing.</p>",
+    ]
+    if a.get("stale"):
+        parts.append(
+            f"<p class='warn'>The run's {esc(', '.join(a['stale']))} changed after this "
+            "attribution was made: rerun <code>primer attribute RUN_DIR --overwrite</code>.</p>"
+        )
+    if a.get("rows"):
+        parts.append(
+            f"<p>Priming without the {s.get('dropped', 0)} harmful images, evaluated as the "
+            "evaluate stage evaluates (its rows are in the chart above):</p>"
+        )
+        groups: dict[tuple[str, int], list[float]] = {}
+        for r in a["rows"]:
+            groups.setdefault((r["method"], int(r["shots"])), []).append(100 * r["accuracy"])
+        parts.append(
+            "<table class='results'><tr><th>method</th><th>shots</th><th>accuracy (%)</th></tr>"
+        )
+        for (m, k), v in groups.items():
+            parts.append(f"<tr><td>{esc(m)}</td><td>{k}</td><td>{sum(v) / len(v):.2f}</td></tr>")
+        parts.append("</table>")
+    for name in ("class-influence", "term-influence"):
+        if name in figs:
+            parts.append(f"<div class='figure'>{figs[name]}</div>")
+    parts.append("<h3>Most helpful priming images</h3><p>Accuracy lost without each.</p>")
+    parts.append(_cards(a["helpful"], summary.classnames))
+    parts.append(
+        "<h3>Most harmful priming images</h3><p>Accuracy lost without each "
+        "(negative: removing it helps).</p>"
+    )
+    parts.append(_cards(a["harmful"], summary.classnames))
+    return "\n".join(parts)
+
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -296,6 +482,7 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .card img{width:128px;height:128px;object-fit:contain;background:#eee}.kept{border-color:#2a2}.dropped{border-color:#c33;opacity:.8}
 .noimg{width:128px;height:128px;background:#eee;display:flex;align-items:center;justify-content:center}
 .warn{background:#fff3cd;border:1px solid #e0c060;padding:8px}
+.figure{margin:1em 0}.figure svg{max-width:100%;height:auto}
 """
 
 
@@ -310,8 +497,17 @@ def render_html(summary: RunSummary) -> str:
         parts.append(
             "<p class='warn'>The embeddings come from an untrained model (<code>--pretrained none</code>): every score and accuracy here is meaningless except as a test of the pipeline.</p>"
         )
+    figs = figures(summary)
     if summary.results_md:
         parts.append("<h2>Accuracy</h2>" + _md_table_to_html(summary.results_md))
+    for name in ("accuracy-shots", "per-class-gain"):
+        if name in figs:
+            parts.append(f"<div class='figure'>{figs[name]}</div>")
+    if summary.per_class:
+        parts.append(
+            f"<p>Per-class accuracies rebuilt from the run's embeddings at alpha "
+            f"{summary.per_class['alpha']:g} ({esc(summary.per_class['alpha_from'])}).</p>"
+        )
     stages = list(summary.counts)
     parts.append(
         "<h2>Images per class through the stages</h2><table><tr><th>label</th><th>class</th>"
@@ -326,6 +522,9 @@ def render_html(summary: RunSummary) -> str:
         )
     totals = "".join(f"<td>{sum(summary.counts[s])}</td>" for s in stages)
     parts.append(f"<tr><th></th><th>total</th>{totals}</tr></table>")
+    if "stages" in figs:
+        parts.append(f"<div class='figure'>{figs['stages']}</div>")
+    parts.append(_attribution_html(summary, figs))
     parts.append("<h2>Retrieved images per class</h2>")
     for c, name in enumerate(summary.classnames):
         exs = summary.examples.get(c, [])
@@ -355,9 +554,16 @@ def render_html(summary: RunSummary) -> str:
 
 
 def write_report(run_dir: str, out_url: str | None = None, per_class: int = 12) -> str:
-    """Write ``<run_dir>/report/index.html`` (or ``out_url``); returns its URL."""
+    """Write ``<run_dir>/report/index.html`` (or ``out_url``), and beside it ``per_class.json``
+    (the per-class accuracies its chart draws, when the run has them); returns its URL."""
+    from pipeline.report.per_class import FILE
+
     out_url = out_url or io.join(run_dir, layout()["report"], "index.html")
-    page = render_html(collect_run(run_dir, per_class=per_class))
+    summary = collect_run(run_dir, per_class=per_class)
+    page = render_html(summary)
+    if summary.per_class:
+        folder = out_url.rsplit("/", 1)[0] if "/" in out_url else "."
+        io.write_json(io.join(folder, FILE), summary.per_class)
     io.write_bytes(out_url, page.encode("utf-8"))
     log.info("report written to %s", out_url)
     return out_url

@@ -33,6 +33,7 @@ CHANGES = {
     "transductive": ("select.k=3", "config.k", "select.threads=1"),
     "materialise": ("materialise.format=imagefolder", "config.format", "spark.master=local[1]"),
     "evaluate": ("evaluate.seeds=1", "config.seeds", "spark.master=local[1]"),
+    "attribute": ("attribute.max_per_class=5", "config.max_per_class", "spark.master=local[1]"),
 }
 
 

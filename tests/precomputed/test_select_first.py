@@ -61,7 +61,7 @@ def test_select_before_download_without_any_download(folder, tmp_path, port, cap
     assert f"Downloads avoided: {n} of {n} candidates" in capsys.readouterr().out
     # Evaluation ran on the imported vectors: the priming rows are the kept ones.
     res = io.read_json(os.path.join(run, "eval", "results.json"))
-    assert res["n_priming"] == kept["kept"]
+    assert res["priming"]["transductive priming"]["priming_images"] == kept["kept"]
     uids, _, _ = E.load(os.path.join(run, "decisions", "transductive"))
     assert len(uids) == kept["kept"]
 
