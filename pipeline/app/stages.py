@@ -44,174 +44,6 @@ MODEL_OPTIONS = (
 )
 
 
-def _spark_master(call: Call) -> str | None:
-    return call.section("spark").master or None
-
-
-# ------------------------------------------------------------------------- run functions
-
-
-def run_filter(call: Call) -> dict:
-    from pipeline.text_filter.stage import run_text_filter
-
-    return run_text_filter(
-        call.cfg,
-        call.params["dataset"],
-        call.inputs["metadata"],
-        call.out,
-        master=_spark_master(call),
-        overwrite=call.overwrite,
-    )
-
-
-def run_caption_filter(call: Call) -> dict:
-    from dataclasses import replace
-
-    from pipeline.caption_filter.stage import run_caption_filter as run
-
-    cfg = call.cfg
-    if call.params.get("threshold") is not None:  # applies to this dataset, calibrated or not
-        cfg = replace(cfg, threshold=call.params["threshold"], thresholds={})
-    embed = call.section("embed") if cfg.encoder == "open_clip" else None
-    return run(
-        cfg, call.params["dataset"], call.inputs["matches"], call.out, _spark_master(call),
-        call.overwrite, embed,
-    )  # fmt: skip
-
-
-def run_download(call: Call) -> dict:
-    from pipeline.download.stage import run_download as run
-
-    return run(call.cfg, call.inputs["matches"], call.out, call.overwrite)
-
-
-def run_embed_pool(call: Call) -> dict:
-    from pipeline.embed.pool import embed_shards
-
-    p = call.params
-    return embed_shards(
-        call.cfg, call.inputs["shards"], call.out, call.overwrite, p.get("rank"), p.get("world")
-    )
-
-
-def run_embed_task(call: Call) -> dict:
-    from pipeline.embed.task import embed_task
-
-    p = call.params
-    return embed_task(
-        call.cfg,
-        p["dataset"],
-        p["split"],
-        p["data_root"],
-        call.out,
-        p.get("layout"),
-        call.overwrite,
-        bool(p.get("download")),
-    )
-
-
-def run_embed_text(call: Call) -> dict:
-    from pipeline.embed.text import embed_text
-
-    return embed_text(call.cfg, call.params["dataset"], call.out, call.overwrite)
-
-
-def run_clip_filter(call: Call) -> dict:
-    from pipeline.select.filters import run_clip_filter as run
-
-    return run(call.cfg, call.inputs["pool"], call.inputs["text"], call.out, call.overwrite)
-
-
-def run_transductive(call: Call) -> dict:
-    from pipeline.select.filters import run_transductive as run
-
-    i = call.inputs
-    return run(call.cfg, i["pool"], i["queries"], call.out, i.get("text"), call.overwrite)
-
-
-def run_materialise(call: Call) -> dict:
-    from pipeline.materialise import run_materialise as run
-
-    c = call.cfg
-    return run(
-        call.inputs["decision"],
-        call.inputs["shards"],
-        call.out,
-        c.format,
-        c.samples_per_shard,
-        call.overwrite,
-    )
-
-
-def run_evaluate(call: Call) -> dict:
-    from pipeline.evaluate.stage import run_evaluate as run
-
-    i = call.inputs
-    return run(
-        call.cfg,
-        call.params["dataset"],
-        i["train"],
-        i["test"],
-        i["text"],
-        call.out,
-        i.get("priming"),
-        call.overwrite,
-        call.params.get("priming_dataset"),
-    )
-
-
-def run_report(call: Call) -> dict:
-    from pipeline.report.page import write_report
-
-    p = call.params
-    return {"report": write_report(p["run_dir"], p.get("out"), p.get("per_class") or 12)}
-
-
-def run_attribute(call: Call) -> dict:
-    from pipeline.evaluate.attribution import run_call
-
-    return run_call(call)
-
-
-def run_import_embeddings(call: Call) -> dict:
-    from pipeline.precomputed.importer import run_import
-
-    i = call.inputs
-    return run_import(
-        call.cfg, i["source"], i["matches"], call.out, _spark_master(call), call.overwrite
-    )
-
-
-def run_knn_retrieve(call: Call) -> dict:
-    from pipeline.precomputed.retrieve import run_knn_retrieve as run
-
-    i, p = call.inputs, call.params
-    return run(
-        call.cfg, i["source"], i["queries"], call.out, i.get("folder"), p.get("dataset"),
-        call.overwrite,
-    )  # fmt: skip
-
-
-def run_export_embeddings(call: Call) -> dict:
-    from pipeline.precomputed.export import export_embeddings
-
-    i = call.inputs
-    return export_embeddings(call.cfg, i["src"], call.out, i.get("matches"), call.overwrite)
-
-
-def run_candidates(call: Call) -> dict:
-    from pipeline.precomputed.candidates import write_union
-
-    return write_union(call.inputs, call.out, call.overwrite)
-
-
-def run_kept_candidates(call: Call) -> dict:
-    from pipeline.precomputed.candidates import write_kept
-
-    i = call.inputs
-    return write_kept(i["candidates"], i["decision"], call.out, call.overwrite)
-
-
 def _embedded(stats: dict, call: Call) -> str:
     import json
 
@@ -232,7 +64,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "filter",
             "stage 1: keep LAION rows whose captions name a class (Spark)",
-            "pipeline.app.stages:run_filter",
+            "pipeline.app.adapters:run_filter",
             "filter",
             (
                 DATASET,
@@ -250,7 +82,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "caption-filter",
             "stage 1b: keep matches whose caption means the class (sentence encoder, Spark)",
-            "pipeline.app.stages:run_caption_filter",
+            "pipeline.app.adapters:run_caption_filter",
             "caption_filter",
             (
                 DATASET,
@@ -272,7 +104,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "download",
             "stage 2: download matched rows into webdataset shards (img2dataset)",
-            "pipeline.app.stages:run_download",
+            "pipeline.app.adapters:run_download",
             "download",
             (
                 Option(
@@ -292,7 +124,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "import-embeddings",
             "stage 1c: import the matched rows' precomputed embeddings (clip-retrieval folder)",
-            "pipeline.app.stages:run_import_embeddings",
+            "pipeline.app.adapters:run_import_embeddings",
             "precomputed",
             (
                 Option(
@@ -325,7 +157,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "knn-retrieve",
             "stage 1c: the k nearest rows of an embedding folder per class prompt or task image",
-            "pipeline.app.stages:run_knn_retrieve",
+            "pipeline.app.adapters:run_knn_retrieve",
             "precomputed",
             (
                 Option(
@@ -361,7 +193,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "export-embeddings",
             "stage 3b: write embeddings in the clip-retrieval layout (img_emb/ + metadata/)",
-            "pipeline.app.stages:run_export_embeddings",
+            "pipeline.app.adapters:run_export_embeddings",
             "precomputed",
             (
                 Option(
@@ -388,7 +220,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "candidates",
             "stage 1c: the union of candidate sources, one row per URL (source kept)",
-            "pipeline.app.stages:run_candidates",
+            "pipeline.app.adapters:run_candidates",
             None,
             tuple(
                 Option((f"--{name}",), f"input:{name}", f"{name} candidates (a matches directory)")
@@ -400,7 +232,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "kept-candidates",
             "stage 4b: the candidates a decision kept (what is left to download)",
-            "pipeline.app.stages:run_kept_candidates",
+            "pipeline.app.adapters:run_kept_candidates",
             None,
             (
                 Option(("--candidates",), "input:candidates", "the candidates", {"required": True}),
@@ -420,7 +252,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "embed-pool",
             "stage 3: embed the downloaded webdataset shards with open_clip",
-            "pipeline.app.stages:run_embed_pool",
+            "pipeline.app.adapters:run_embed_pool",
             "embed",
             (
                 Option(
@@ -450,7 +282,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "embed-task",
             "stage 3: embed a target task's train or test images",
-            "pipeline.app.stages:run_embed_task",
+            "pipeline.app.adapters:run_embed_task",
             "embed",
             (
                 DATASET,
@@ -481,7 +313,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "embed-text",
             "stage 3: embed every class prompt (templates and descriptions)",
-            "pipeline.app.stages:run_embed_text",
+            "pipeline.app.adapters:run_embed_text",
             "embed",
             (DATASET, _out(), *MODEL_OPTIONS),
             _embedded,
@@ -489,7 +321,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "clip-filter",
             "stage 4: CLIP-score filter (writes a decision only)",
-            "pipeline.app.stages:run_clip_filter",
+            "pipeline.app.adapters:run_clip_filter",
             "select",
             (
                 Option(
@@ -532,7 +364,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "transductive",
             "stage 4: transductive kNN filter (writes a decision only)",
-            "pipeline.app.stages:run_transductive",
+            "pipeline.app.adapters:run_transductive",
             "select",
             (
                 Option(
@@ -580,7 +412,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "materialise",
             "stage 5: write the kept images as webdataset shards or an ImageFolder",
-            "pipeline.app.stages:run_materialise",
+            "pipeline.app.adapters:run_materialise",
             "materialise",
             (
                 Option(
@@ -608,7 +440,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "stage 6: accuracy table of zero-shot, CuPL, priming and few-shot heads",
-            "pipeline.app.stages:run_evaluate",
+            "pipeline.app.adapters:run_evaluate",
             "evaluate",
             (
                 DATASET,
@@ -667,7 +499,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "attribute",
             "rank priming images, caption terms and classes by their effect on accuracy",
-            "pipeline.app.stages:run_attribute",
+            "pipeline.app.adapters:run_attribute",
             "attribute",
             (
                 Option(
@@ -713,7 +545,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "report",
             "write a static HTML report of a run directory",
-            "pipeline.app.stages:run_report",
+            "pipeline.app.adapters:run_report",
             None,
             (
                 Option(
