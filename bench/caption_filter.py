@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _util import table  # noqa: E402
+from _util import add_record_flag, record, table  # noqa: E402
 
 from pipeline.caption_filter.config import CaptionFilterConfig  # noqa: E402
 from pipeline.caption_filter.encoders import load_encoder  # noqa: E402
@@ -52,17 +52,26 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs per row")
+    p.add_argument("--encoder", choices=["minilm", "open_clip"], default="minilm")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip encoder's model (untrained)")
+    add_record_flag(p)
     a = p.parse_args()
-    cfg = CaptionFilterConfig(device=a.device, batch_size=a.batch_size)
+    cfg = CaptionFilterConfig(device=a.device, batch_size=a.batch_size, encoder=a.encoder)
+    embed_cfg = None
+    if a.encoder == "open_clip":
+        from pipeline.embed.config import EmbedConfig
+
+        # Weights do not change speed: an untrained text tower of the named model.
+        embed_cfg = EmbedConfig(model=a.model, pretrained="none", device=a.device)
     with open(LABELS, encoding="utf-8", newline="") as f:
         real = [r["caption"] for r in csv.DictReader(f)]
     captions = [real[i % len(real)] for i in range(a.rows)]
     spec = load_dataset("Flowers102")
     labels = np.random.default_rng(0).integers(0, spec.num_classes, a.rows)
-    encoder = load_encoder(cfg)
+    encoder = load_encoder(cfg, embed_cfg)
     index = build_index(spec, cfg.templates, cfg.negatives, encoder.encode)
     encoder.encode(captions[: a.batch_size])  # warm-up (kernels, allocator)
-    _scorer(cfg, spec.path, None)  # the task's prototypes, built once per worker, not timed
+    _scorer(cfg, spec.path, embed_cfg)  # the task's prototypes, built once per worker, not timed
     tmp = tempfile.mkdtemp(prefix="primer-bench-cf-")
     src = os.path.join(tmp, "part-00000.parquet")
     pq.write_table(pa.table({"caption": captions, "label": pa.array(labels, pa.int32())}), src)
@@ -76,7 +85,7 @@ def main() -> None:
 
     def task():
         out = tempfile.mkdtemp(dir=tmp)
-        filter_file(0, src, out, cfg, spec.path)
+        filter_file(0, src, out, cfg, spec.path, embed_cfg)
         shutil.rmtree(out)
 
     rows = []
@@ -95,6 +104,8 @@ def main() -> None:
         r["ratio"] = r["captions/s"] / base
     print(f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}")
     print(table(rows, ["path", "seconds", "captions/s", "ratio"]))
+    note = f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}"
+    record("caption_filter", rows, ["path", "seconds", "captions/s", "ratio"], a, note)
 
 
 if __name__ == "__main__":

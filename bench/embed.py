@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import numpy as np
-from _util import table
+from _util import add_record_flag, record, table
 
 from pipeline.core import io
 from pipeline.embed.config import EmbedConfig
@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--source", choices=["auto", "fashion-mnist", "synthetic"], default="auto")
     ap.add_argument("--keep", help="write the shards here and keep them (else a temp dir)")
+    add_record_flag(ap)
     args = ap.parse_args()
     if args.quick:
         args.images, args.shards = min(args.images, 2000), min(args.shards, 4)
@@ -209,6 +210,11 @@ def main() -> None:
         f"write {stats['write_s']:.2f} s of {stats['seconds_this_run']:.2f} s"
     )
     print(table(rows, ["path", "images/s", "ratio"]))
+    note = (
+        f"{args.model} ({lm_meta.get('precision')}), batch {args.batch_size}, "
+        f"{args.workers} workers, {stats['embedded']} {source} images"
+    )
+    record("embed", rows, ["path", "images/s", "ratio"], args, note)
 
 
 if __name__ == "__main__":
