@@ -543,6 +543,11 @@ def add_subset_arguments(p: argparse.ArgumentParser) -> None:
         )  # fmt: skip
     p.add_argument("--from", dest="from_step", metavar="STAGE", help="first stage to run")
     p.add_argument("--to", dest="to_step", metavar="STAGE", help="last stage to run")
+    add_redo_option(p)
+
+
+def add_redo_option(p) -> None:
+    """``--redo STAGE`` (``--overwrite`` its earlier spelling), for ``subset`` and ``demo``."""
     p.add_argument(
         "--redo",
         "--overwrite",

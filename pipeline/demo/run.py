@@ -229,6 +229,8 @@ def run_demo(
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from pipeline.app.subset import add_redo_option
+
     p = sub.add_parser(
         "demo",
         parents=[common],
@@ -246,14 +248,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--rows", type=int, default=1200, help="metadata rows to generate (default 1200)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--redo",
-        "--overwrite",
-        dest="redo",
-        action="append",
-        metavar="STAGE",
-        help="redo these stages (comma list; 'all'; --overwrite is the earlier spelling)",
-    )
+    add_redo_option(p)
     p.set_defaults(
         func=lambda a: run_demo(a.out, a.port, a.rows, a.seed, a.overrides, a.redo, a.config)
     )

@@ -100,16 +100,4 @@ class PrecomputedConfig:
 
     def knn(self) -> KnnConfig:
         """The FAISS part of this config (:mod:`pipeline.select.knn`'s settings)."""
-        return KnnConfig(
-            exact_max_pool=self.exact_max_rows,
-            nlist=self.nlist,
-            nprobe=self.nprobe,
-            target_recall=self.target_recall,
-            calibration_queries=self.calibration_queries,
-            train_size=self.train_size,
-            query_batch=self.query_batch,
-            tie_slack=self.tie_slack,
-            use_gpu=self.use_gpu,
-            threads=self.threads,
-            seed=self.seed,
-        )
+        return KnnConfig.of(self, exact_max_pool=self.exact_max_rows)

@@ -88,18 +88,7 @@ class SelectConfig:
 
     def knn(self) -> KnnConfig:
         """The FAISS part of this config."""
-        return KnnConfig(
-            exact_max_pool=self.exact_max_pool,
-            nlist=self.nlist,
-            nprobe=self.nprobe,
-            target_recall=self.target_recall,
-            calibration_queries=self.calibration_queries,
-            train_size=self.train_size,
-            query_batch=self.batch,
-            use_gpu=self.use_gpu,
-            threads=self.threads,
-            seed=self.seed,
-        )
+        return KnnConfig.of(self, query_batch=self.batch)
 
     def result_settings(self, filter_name: str) -> dict:
         """The settings that can change a filter's decision (written to its meta.json); device

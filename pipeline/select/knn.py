@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -53,6 +53,13 @@ class KnnConfig:
     use_gpu: str = "auto"
     threads: int = 0
     seed: int = 0
+
+    @classmethod
+    def of(cls, cfg, **renamed) -> KnnConfig:
+        """The FAISS settings of a stage's config: its fields of the same names, then
+        ``renamed`` (the values of fields it names otherwise)."""
+        same = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        return cls(**{**same, **renamed})
 
     def __post_init__(self) -> None:
         problems = []
