@@ -480,7 +480,7 @@ def test_spark_submit_job(tmp_path, dataset_yaml):
     meta = _write(tmp_path, "in", KNOWN)
     out = str(tmp_path / "out")
     submit = os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     r = subprocess.run(
         [

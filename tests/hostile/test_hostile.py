@@ -948,7 +948,7 @@ def test_s3_failing_part_way_then_rerun_completes(
 
     from pipeline.embed.config import EmbedConfig
     from pipeline.embed.pool import embed_shards
-    from tests.test_embed import make_shards
+    from tests.embed.test_embed import make_shards
 
     shards = str(tmp_path / "shards")
     make_shards(shards, n_shards=3, per=5, bad=False)
