@@ -7,8 +7,9 @@ whose captions name a random class for a fraction of images (LAION's noise), who
 vary (a few classes get thousands of images, some tens), and whose images may sit off the
 target task's distribution (a per-class shift). The CLIP-score filter with
 ``require_agreement`` keeps the pool images the text head classifies as their caption says,
-as :func:`pipeline.select.filters.clip_score_decision` does. Used by tests/test_alpha.py and
-bench/alpha.py to measure the automatic alpha rules against the best alpha in hindsight.
+as :func:`pipeline.select.filters.clip_score_decision` does. Used by
+tests/evaluate/test_alpha.py and bench/alpha.py to measure the automatic alpha rules against
+the best alpha in hindsight.
 """
 
 from __future__ import annotations

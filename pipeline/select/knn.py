@@ -11,7 +11,7 @@ CPU vs GPU, and agree with :func:`topk_numpy`.
 IVF: ``nlist`` lists (0: about 4 sqrt(N)), k-means trained on a seeded sample. ``nprobe`` 0
 calibrates it: on a seeded sample of the real queries, nprobe doubles from 1 until recall@k
 against exact search (BLAS over the pool) reaches ``target_recall``. That recall is the
-config's claim, recorded in ``info`` and checked against brute force in tests/test_knn.py.
+config's claim, recorded in ``info`` and checked against brute force in tests/select/test_knn.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pipeline.core import io
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.model import model_name
 from pipeline.embed.pool import embed_shards
-from tests.test_embed import make_shards
+from tests.embed.test_embed import make_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = {"model": "primer-tiny-vit", "pretrained": "none", "device": "cpu", "workers": 0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 
 import numpy as np
 import pytest
@@ -182,6 +183,9 @@ def test_download_without_network_fails_clearly(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
+    # urlopen caches one opener per process, with the proxies of its first call: the one built
+    # here is dropped afterwards, or later loopback requests would go to the dead proxy.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(io.InputError, match="needs network") as e:
         torchvision_download("Flowers102", str(tmp_path), "train")
     assert "copy it to" in str(e.value)

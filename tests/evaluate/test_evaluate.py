@@ -29,7 +29,7 @@ from pipeline.evaluate.stage import (
 )
 from pipeline.evaluate.table import render_table
 from pipeline.select.neardup import near_duplicate_pairs
-from tests.test_classify import clusters, unit
+from tests.evaluate.test_classify import clusters, unit
 
 
 def priming(protocol, pf, py):

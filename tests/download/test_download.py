@@ -35,7 +35,7 @@ from pipeline.download.stage import (
     summarize,
 )
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and quick; only loopback URLs appear, let through where the opt-in is on.
 FAST = dict(processes=1, threads=8, timeout=2, retries=0, image_size=64, samples_per_shard=8)
 

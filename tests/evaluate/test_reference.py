@@ -10,8 +10,8 @@ from pipeline.app.cli import main
 from pipeline.core import io
 from pipeline.evaluate.classify import sample_shots
 from pipeline.evaluate.reference import IMAGENET_TEMPLATES
-from tests.test_classify import unit
-from tests.test_evaluate import _write_embeddings, _write_text
+from tests.evaluate.test_classify import unit
+from tests.evaluate.test_evaluate import _write_embeddings, _write_text
 
 C, D = 10, 16
 

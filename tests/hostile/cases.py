@@ -1,7 +1,8 @@
 """Issue 9: the hostile-input corpus, one named case per input, each with one expected outcome.
 
-This file is the catalogue. Every entry of ``CASES`` is a :class:`HostileCase`: a name (the
-pytest id, ``test_hostile.py::test_hostile_input[<name>]``), the stage whose real code it goes
+This module is the catalogue (:mod:`tests.hostile.test_hostile` runs it). Every entry of
+``CASES`` is a :class:`HostileCase`: a name (the pytest id,
+``tests/hostile/test_hostile.py::test_hostile_input[<name>]``), the stage whose real code it goes
 through, a function that builds the input, and the expected outcome, one of
 
 - ``error(Exc, pattern)``: the stage raises ``Exc`` whose message matches ``pattern`` and
@@ -26,7 +27,7 @@ How each stage is run (all inputs built in ``tmp_path``, only loopback is ever c
 - ``materialise``: :func:`run_materialise` of a one-tar input per case;
 - ``checkpoint``: the embedder's checkpoint loader (:func:`load_model`).
 
-``python -m tests.test_hostile`` prints the catalogue as a Markdown table.
+``python -m tests.catalogue > docs/testing.md`` writes it there as a Markdown table.
 """
 
 from __future__ import annotations
@@ -37,97 +38,22 @@ import os
 import pickle
 import re
 import tarfile
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from pipeline.core import embeddings as E
 from pipeline.core import io
 from pipeline.core.config import ConfigError
-
-# ------------------------------------------------------------------------------ the model
-
-
-@dataclass(frozen=True)
-class Expect:
-    """An expected outcome (build with :func:`error`, :func:`counted` or :func:`accepted`)."""
-
-    kind: str  # "error" | "counted" | "accepted"
-    what: str  # error: message pattern; counted: the reason; accepted: a description
-    exc: type[BaseException] | None = None
-    check: Callable[[dict], Any] | None = None
-    note: str = ""
-
-    def describe(self) -> str:
-        note = f" ({self.note})" if self.note else ""
-        if self.kind == "error":
-            return f"{self.exc.__name__} naming the file: `{_readable(self.what)}`{note}"
-        if self.kind == "counted":
-            return f"skipped, counted as `{self.what}`{note}"
-        return f"accepted: {self.what}"
-
-
-def _readable(pattern: str) -> str:
-    """A message pattern as prose: ``.*`` becomes an ellipsis, escapes are dropped."""
-    return re.sub(r"\\(.)", r"\1", pattern.replace(".*", "…").lstrip("^"))
-
-
-def error(
-    exc: type[BaseException], pattern: str, check: Callable[[dict], Any] | None = None
-) -> Expect:
-    return Expect("error", pattern, exc, check)
-
-
-def counted(reason: str, check: Callable[[dict], Any] | None = None, note: str = "") -> Expect:
-    return Expect("counted", reason, check=check, note=note)
-
-
-def accepted(what: str, check: Callable[[dict], Any] | None = None) -> Expect:
-    return Expect("accepted", what, check=check)
-
-
-@dataclass(frozen=True)
-class HostileCase:
-    name: str
-    stage: str
-    build_input: Callable[..., Any]
-    expected: Expect
-    xfail: str = ""  # a known bug in a module this file may not change: strict xfail
-
-
-@dataclass
-class Outcome:
-    """What a stage did with one input: ``kind`` as in :class:`Expect`; ``text`` is the error
-    message or the counted reason; ``detail`` what a ``check`` may look at."""
-
-    kind: str
-    text: str = ""
-    exc: BaseException | None = None
-    detail: dict = field(default_factory=dict)
-
-
-def verify(case: HostileCase, got: Outcome, where: str | None = None) -> None:
-    exp = case.expected
-    assert got.kind == exp.kind, f"{case.name}: expected {exp.describe()}, got {got}"
-    if exp.kind == "error":
-        assert isinstance(got.exc, exp.exc), got.exc
-        assert re.search(exp.what, got.text), got.text
-        if where is not None:
-            assert where in got.text, f"the message does not name {where}: {got.text}"
-    elif exp.kind == "counted":
-        assert got.text == exp.what, got
-        assert got.detail.get("count", 1) == 1, got.detail
-    if exp.check is not None:
-        assert exp.check(got.detail), got.detail
-
-
-# ------------------------------------------------------------------------------ builders
+from tests.hostile.model import (
+    Expect,
+    HostileCase,
+    accepted,
+    counted,
+    error,
+    readable,
+)
 
 CLASSES = ["tabby cat", "rose"]
 
@@ -146,7 +72,7 @@ def _parquet_bytes(table: pa.Table, mangle: Callable[[bytearray], bytes]) -> Cal
     return build
 
 
-def _rows(n: int = 300) -> pa.Table:
+def laion_rows(n: int = 300) -> pa.Table:
     rng = np.random.default_rng(0)
     return pa.table(
         {
@@ -173,7 +99,7 @@ def _bad_file(pattern: str, where: str) -> Expect:
     return counted(
         "bad_file",
         lambda d: re.search(pattern, d["message"]),
-        note=f"{where}; listed in `_stats.json` `bad_files` as `{_readable(pattern)}…`",
+        note=f"{where}; listed in `_stats.json` `bad_files` as `{readable(pattern)}…`",
     )
 
 
@@ -225,7 +151,7 @@ def _photo() -> bytes:
     return skimage_bytes("chelsea")
 
 
-def _tar_bytes(members: list[tuple[str, bytes | tarfile.TarInfo]]) -> bytes:
+def tar_bytes(members: list[tuple[str, bytes | tarfile.TarInfo]]) -> bytes:
     buf = _io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in members:
@@ -252,12 +178,12 @@ def _symlink(name: str, target: str) -> tuple[str, tarfile.TarInfo]:
 
 def _embed_tar(members_of: Callable[[str], list]) -> Callable[[str], bytes]:
     """Builder of an embed case: ``uid -> tar bytes``, the case's sample under uid ``uid``."""
-    return lambda uid: _tar_bytes(members_of(uid))
+    return lambda uid: tar_bytes(members_of(uid))
 
 
 def _truncated_tar(uid: str) -> bytes:
     """Two samples, cut 100 bytes into the second one's image: the first is whole."""
-    whole = _tar_bytes(_sample(uid, _photo()) + _sample(uid + "-cut", _photo(), key="000000001"))
+    whole = tar_bytes(_sample(uid, _photo()) + _sample(uid + "-cut", _photo(), key="000000001"))
     with tarfile.open(fileobj=_io.BytesIO(whole)) as tf:
         second = tf.getmember("000000001.jpg")
     return whole[: second.offset_data + 100]
@@ -335,6 +261,8 @@ def _nothing_outside(d: dict) -> bool:
 # ------------------------------------------------------------------------------ the catalogue
 
 _W = "http://a.test/1.jpg"
+
+
 CASES: list[HostileCase] = [
     # --- LAION metadata parquet: checked at the footer, before Spark starts (always fatal:
     # a mis-mapped column would silently filter on nonsense).
@@ -358,13 +286,13 @@ CASES: list[HostileCase] = [
         _parquet(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})),
         accepted("scanned, 0 rows, not a bad file", lambda d: d["rows"] == 0)),
     HostileCase("parquet_corrupt_footer", "filter-spark",
-        _parquet_bytes(_rows(), _corrupt_footer),
+        _parquet_bytes(laion_rows(), _corrupt_footer),
         _bad_file(r"^OSError: Couldn't deserialize thrift", "at the footer check")),
     HostileCase("parquet_truncated", "filter-spark",
-        _parquet_bytes(_rows(), lambda b: bytes(b[: len(b) // 2])),
+        _parquet_bytes(laion_rows(), lambda b: bytes(b[: len(b) // 2])),
         _bad_file(r"^ArrowInvalid: Parquet magic bytes not found", "at the footer check")),
     HostileCase("parquet_corrupt_data_page", "filter-spark",
-        _parquet_bytes(_rows(), _corrupt_page),
+        _parquet_bytes(laion_rows(), _corrupt_page),
         _bad_file(r"^OSError: ZSTD decompression failed", "in the Spark task; footer intact")),
     HostileCase("parquet_zero_bytes", "filter-spark", _raw(b""),
         _bad_file(r"^ArrowInvalid: Parquet file size is 0 bytes", "at the footer check")),
@@ -604,417 +532,20 @@ STAGES = {
 }
 
 
-def _of(stage: str) -> list[HostileCase]:
+def cases_of(stage: str) -> list[HostileCase]:
     return [c for c in CASES if c.stage == stage]
 
 
-# ------------------------------------------------------------------------------ stage runners
-
-
-def _files_outside(root: str, allowed: list[str]) -> list[str]:
-    out = []
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            if not any(p.startswith(a + os.sep) for a in allowed):
-                out.append(p)
-    return out
-
-
-def run_filter_footer(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
-    from pipeline.text_filter.config import TextFilterConfig
-    from pipeline.text_filter.plan import check_inputs
-
-    path = str(tmp_path / f"{case.name}.parquet")
-    case.build_input(path)
-    try:
-        good, bad, _ = check_inputs([path], TextFilterConfig())
-    except io.InputError as e:
-        return Outcome("error", str(e), e), path
-    return Outcome("accepted", detail={"good": good, "bad": bad}), path
-
-
-def run_filter_core(case: HostileCase) -> Outcome:
-    from pipeline.text_filter.batch import filter_batch, resolve_columns
-    from pipeline.text_filter.config import TextFilterConfig
-    from pipeline.text_filter.matcher import Matcher
-
-    cfg = TextFilterConfig()
-    batch = case.build_input()
-    cols = resolve_columns(batch.schema, cfg.columns, case.name)
-    stats: Counter = Counter()
-    out = filter_batch(batch, cols, Matcher(CLASSES, {}), cfg, CLASSES, stats)
-    assert stats["rows_scanned"] == batch.num_rows
-    if out.num_rows:
-        return Outcome("accepted", detail=out.to_pylist()[0])
-    drops = {k[len("dropped_") :]: v for k, v in stats.items() if k.startswith("dropped_") and v}
-    assert len(drops) == 1, stats
-    ((reason, n),) = drops.items()
-    return Outcome("counted", reason, detail={"count": n})
-
-
-def run_dataset_yaml(case: HostileCase, tmp_path) -> tuple[Outcome, str]:
-    from pipeline.core.config import load_dataset
-
-    path = str(tmp_path / f"{case.name}.yaml")
-    case.build_input(path)
-    try:
-        spec = load_dataset(path)
-    except ConfigError as e:
-        return Outcome("error", str(e), e), path
-    return Outcome("accepted", detail={"spec": spec}), path
-
-
-def run_url_check(case: HostileCase) -> Outcome:
-    from pipeline.download.urlcheck import check_url, check_urls
-
-    url = case.build_input()
-    reason = check_url(url)
-    assert check_urls([url]) == [reason]  # the vectorised path agrees
-    return Outcome("accepted") if reason is None else Outcome("counted", reason)
-
-
-def run_checkpoint(case: HostileCase, tmp_path, tiny_model_name) -> tuple[Outcome, str]:
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.embed.model import load_model
-
-    path = str(tmp_path / f"{case.name}.pt")
-    case.build_input(path)
-    cfg = EmbedConfig(model=tiny_model_name, pretrained="", checkpoint=path, device="cpu")
-    try:
-        load_model(cfg)
-    except io.InputError as e:
-        return Outcome("error", str(e), e, {"input": path}), path
-    return Outcome("accepted", detail={"input": path}), path
-
-
-def run_materialise_case(case: HostileCase, tmp_path) -> Outcome:
-    from pipeline.materialise import run_materialise
-
-    work = tmp_path / "a" / "b" / "c"  # room for ../../.. to land inside tmp_path
-    (work / "shards").mkdir(parents=True)
-    members, kept, fmt = case.build_input()
-    (work / "shards" / "00000.tar").write_bytes(_tar_bytes(members))
-    dec = str(work / "dec")
-    E.write_decision(
-        dec,
-        pa.table(
-            {
-                "uid": kept,
-                "label": pa.array([1] * len(kept), pa.int32()),
-                "score": pa.array([0.5] * len(kept), pa.float32()),
-                "kept": [True] * len(kept),
-                "reason": ["kept"] * len(kept),
-            }
-        ),
-        {"pool": "unused", "filter": "test"},
-        {},
-    )
-    out = str(work / "out")
-    stats = run_materialise(dec, str(work / "shards"), out, fmt)
-    paths = io.read_parquet(io.join(out, "manifest.parquet")).column("path").to_pylist()
-    detail = {
-        "paths": paths,
-        "stats": stats,
-        "escaped": _files_outside(str(tmp_path), [str(work / d) for d in ("shards", "dec", "out")]),
-    }
-    for p in paths:  # what the manifest names is really there
-        assert os.path.exists(os.path.join(out, p.split("/")[0]))
-    if stats["skipped"]:
-        ((reason, n),) = stats["skipped"].items()
-        return Outcome("counted", reason, detail={**detail, "count": n})
-    return Outcome("accepted", detail=detail)
-
-
-# ------------------------------------------------------------------------------ shared runs
-
-
-@pytest.fixture(scope="module")
-def spark_filter_run(tmp_path_factory, spark):
-    """One text-filter run (local Spark, ``skip_bad_files``) over every ``filter-spark`` input
-    plus one good file; returns ``{case name: Outcome}`` and the run's stats."""
-    from pipeline.text_filter.config import TextFilterConfig
-    from pipeline.text_filter.stage import run_text_filter
-
-    root = tmp_path_factory.mktemp("filter")
-    d = root / "in"
-    d.mkdir()
-    for case in _of("filter-spark"):
-        case.build_input(str(d / f"{case.name}.parquet"))
-    pq.write_table(_rows(50), d / "good.parquet")
-    yaml = root / "d.yaml"
-    yaml.write_text("name: D\nclasses: [tabby cat, rose]\n")
-    out = str(root / "out")
-    stats = run_text_filter(TextFilterConfig(skip_bad_files=True), str(yaml), str(d), out)
-    files = io.list_files(str(d), suffixes=(".parquet",))  # the run's file order: part indices
-    outcomes = {}
-    for case in _of("filter-spark"):
-        path = str(d / f"{case.name}.parquet")
-        if path in stats["bad_files"]:
-            outcomes[case.name] = Outcome("counted", "bad_file", detail={
-                "message": stats["bad_files"][path]})  # fmt: skip
-        else:
-            part = io.join(out, f"part-{files.index(path):05d}.parquet")
-            outcomes[case.name] = Outcome(
-                "accepted", detail={"rows": io.read_parquet(part).num_rows}
-            )
-    return outcomes, stats, out
-
-
-@pytest.fixture(scope="module")
-def download_run(tmp_path_factory, image_server):
-    """One real download (img2dataset) of every ``download`` case's URL from the loopback
-    server; returns ``{case name: Outcome}``, the stats and the number of server hits."""
-    import tarfile as _tarfile
-
-    from PIL import Image
-
-    from pipeline.download.stage import DownloadConfig, run_download
-
-    root = tmp_path_factory.mktemp("download")
-    cases = _of("download")
-    urls = [c.build_input(image_server) for c in cases]
-    uids = [io.make_uid(f"case:{c.name}", c.name) for c in cases]
-    matches = str(root / "matches")
-    io.write_parquet(
-        pa.table(
-            {
-                "uid": uids,
-                "url": pa.array(urls, pa.string()),
-                "caption": [c.name for c in cases],
-                "label": pa.array([0] * len(cases), pa.int32()),
-                "class_name": ["c"] * len(cases),
-                "matched_term": ["c"] * len(cases),
-            }
-        ),
-        io.join(matches, "part-00000.parquet"),
-    )
-    io.mark_done(matches)
-    cfg = DownloadConfig(
-        processes=1, threads=8, timeout=5, retries=0, image_size=64, samples_per_shard=64,
-        allow_private_addresses=True,
-    )  # fmt: skip
-    hits = image_server.hits
-    out = str(root / "shards")
-    stats = run_download(cfg, matches, out)
-    hits = image_server.hits - hits
-    manifest = {r["uid"]: r for r in io.read_parquet(io.join(out, "manifest.parquet")).to_pylist()}
-    outcomes = {}
-    for case, uid in zip(cases, uids):
-        row = manifest[uid]
-        if row["status"] == "success":
-            with _tarfile.open(os.path.join(out, f"{row['shard']}.tar")) as tf:
-                data = tf.extractfile(f"{row['key']}.jpg").read()
-            img = Image.open(_io.BytesIO(data))
-            img.load()
-            outcomes[case.name] = Outcome("accepted", detail={**row, "image": img})
-        else:
-            n = stats["failures_by_reason"].get(row["reason"], 0)
-            same = sum(1 for r in manifest.values() if r["reason"] == row["reason"])
-            assert n == same  # stats.json counts what the manifest records
-            outcomes[case.name] = Outcome("counted", row["reason"], detail={**row, "count": 1})
-    return outcomes, stats, hits
-
-
-@pytest.fixture(scope="module")
-def embed_run(tmp_path_factory, tiny_model_name):
-    """One embedding run over a tar per ``embed`` case (the case's name is its sample's uid
-    and its tar's name); returns ``{case name: Outcome}`` and the stats."""
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.embed.pool import embed_shards
-
-    root = tmp_path_factory.mktemp("embed")
-    shards = root / "x" / "y" / "shards"
-    shards.mkdir(parents=True)
-    for case in _of("embed"):
-        (shards / f"{case.name}.tar").write_bytes(case.build_input(case.name))
-    cfg = EmbedConfig(
-        model=tiny_model_name, pretrained="none", device="cpu", batch_size=8, workers=0
-    )
-    out = str(root / "emb")
-    stats = embed_shards(cfg, str(shards), out)
-    uids, _, feats = E.load(out)
-    uids = list(uids)
-    escaped = _files_outside(str(root), [str(shards), out])
-    outcomes = {}
-    for case in _of("embed"):
-        fails = [(u, r) for s, u, r in stats["failures"] if s == case.name]
-        mine = [u for u in uids if u == case.name or u.startswith(case.name + "-")]
-        detail = {"uid": case.name, "embedded": mine, "escaped": escaped,
-                  "features": feats[[uids.index(u) for u in mine]]}  # fmt: skip
-        if fails:
-            reasons = Counter(str(r).split(":", 1)[0] for _, r in fails)
-            ((reason, n),) = reasons.items()
-            outcomes[case.name] = Outcome("counted", reason, detail={**detail, "count": n})
-        else:
-            outcomes[case.name] = Outcome("accepted", detail=detail)
-    return outcomes, stats
-
-
-# ------------------------------------------------------------------------------ the test
-
-
-def _params():
-    for c in CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
-        yield pytest.param(c, id=c.name, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_params()))
-def test_hostile_input(case: HostileCase, request, tmp_path):
-    where = None
-    if case.stage == "filter-footer":
-        got, where = run_filter_footer(case, tmp_path)
-    elif case.stage == "filter-spark":
-        got = request.getfixturevalue("spark_filter_run")[0][case.name]
-    elif case.stage == "filter-core":
-        got = run_filter_core(case)
-    elif case.stage == "dataset-yaml":
-        got, where = run_dataset_yaml(case, tmp_path)
-    elif case.stage == "url-check":
-        got = run_url_check(case)
-    elif case.stage == "download":
-        got = request.getfixturevalue("download_run")[0][case.name]
-    elif case.stage == "embed":
-        got = request.getfixturevalue("embed_run")[0][case.name]
-    elif case.stage == "materialise":
-        got = run_materialise_case(case, tmp_path)
-    elif case.stage == "checkpoint":
-        got, where = run_checkpoint(case, tmp_path, request.getfixturevalue("tiny_model_name"))
-    else:
-        raise AssertionError(f"unknown stage {case.stage!r}")
-    verify(case, got, where)
-
-
-def test_catalogue_is_large_and_names_are_unique():
-    names = [c.name for c in CASES]
-    assert len(names) == len(set(names)) and len(CASES) >= 20
-    assert all(re.fullmatch(r"[a-z0-9_]+", n) for n in names)
-    assert {c.stage for c in CASES} == set(STAGES)
-
-
-def test_header_check_leaves_pillows_bomb_guard_on():
-    """The download stage reads declared sizes with Pillow's bomb guard left in place (it used
-    to switch it off for the whole process, the embedder's decoding included)."""
-    from PIL import Image
-
-    from pipeline.demo.imageserver import png_bomb
-    from pipeline.download import limits as lim
-
-    before = Image.MAX_IMAGE_PIXELS
-    assert lim.header_pixels(png_bomb()) == 30000 * 30000
-    assert lim.header_pixels(png_bomb(12000, 10000)) == 120_000_000
-    assert lim.header_pixels(b"not an image") is None
-    assert Image.MAX_IMAGE_PIXELS == before and before is not None
-
-
-def test_bad_files_cost_no_good_rows(spark_filter_run):
-    """The good file beside the bad ones is scanned in full and its rows kept, and the run
-    completes (``_SUCCESS``) listing exactly the bad files."""
-    _, stats, out = spark_filter_run
-    bad = {c.name for c in _of("filter-spark") if c.expected.kind == "counted"}
-    assert {os.path.basename(f)[: -len(".parquet")] for f in stats["bad_files"]} == bad
-    assert stats["rows_scanned"] == 50 and stats["rows_matched"] == 50 and io.is_done(out)
-
-
-def test_download_run_fetched_nothing_it_refused(download_run):
-    """Refused URLs never reach the server: one request per fetched case, none for the rest."""
-    outcomes, stats, hits = download_run
-    refused = {"refused_scheme", "refused_credentials", "invalid_url", "refused_address"}
-    fetched = [n for n, o in outcomes.items() if o.text not in refused]
-    assert hits == len(fetched)
-    assert stats["total"] == len(outcomes)
-
-
-def test_embed_run_counts_every_failure_once(embed_run):
-    outcomes, stats = embed_run
-    failed = sum(o.detail.get("count", 0) for o in outcomes.values() if o.kind == "counted")
-    assert stats["failed"] == failed
-    assert stats["embedded"] == sum(len(o.detail["embedded"]) for o in outcomes.values())
-
-
-# ------------------------------------------------------------------------------ S3 outage
-
-
-@pytest.mark.parametrize("fail_at", [1, 4, 6])
-def test_s3_failing_part_way_then_rerun_completes(
-    tmp_path, s3_bucket, tiny_model_name, monkeypatch, fail_at
-):
-    """The object store starts failing after ``fail_at`` uploads while the embedding stage
-    writes three shards to S3: the stage fails with the store's error, no ``_SUCCESS`` appears,
-    every shard already marked done is whole, and a rerun (store back) completes with exactly
-    the rows and features of a clean local run."""
-    import s3fs
-
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.embed.pool import embed_shards
-    from tests.test_embed import make_shards
-
-    shards = str(tmp_path / "shards")
-    make_shards(shards, n_shards=3, per=5, bad=False)
-    cfg = EmbedConfig(
-        model=tiny_model_name, pretrained="none", device="cpu", batch_size=4, workers=0
-    )
-    clean = str(tmp_path / "clean")
-    embed_shards(cfg, shards, clean)
-
-    uploads = []
-    real_put = s3fs.S3FileSystem._put_file
-
-    async def flaky_put(self, lpath, rpath, *args, **kwargs):
-        uploads.append(rpath)
-        if len(uploads) > fail_at:
-            raise OSError(f"injected S3 outage at upload {len(uploads)} ({rpath})")
-        return await real_put(self, lpath, rpath, *args, **kwargs)
-
-    out = io.join(s3_bucket, "emb")
-    # fsspec binds each instance's sync methods when it is created, and caches instances:
-    # drop the cache whenever the patch changes so the next filesystem sees it.
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", flaky_put)
-    s3fs.S3FileSystem.clear_instance_cache()
-    with pytest.raises(Exception, match="injected S3 outage"):
-        embed_shards(cfg, shards, out)
-    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", real_put)
-    s3fs.S3FileSystem.clear_instance_cache()
-    assert len(uploads) == fail_at + 1  # the run stopped at the first failed upload
-
-    assert not io.is_done(out)
-    fs, _ = io.url_to_fs(out)
-    names = (
-        {os.path.basename(p) for p in fs.ls(out.replace("s3://", ""), detail=False)}
-        if fs.exists(out)
-        else set()
-    )
-    for done in sorted(n for n in names if n.endswith(".done")):
-        stem = done[: -len(".done")]
-        assert {f"{stem}.npy", f"{stem}.parquet"} <= names, names  # data before its marker
-        feats = np.load(_io.BytesIO(io.read_bytes(io.join(out, f"{stem}.npy"))))
-        assert feats.shape[0] == io.read_parquet(io.join(out, f"{stem}.parquet")).num_rows
-    with pytest.raises(io.InputError, match="not a complete embedding output"):
-        E.load(out)  # incomplete output is refused by readers, not half-read
-
-    embed_shards(cfg, shards, out)
-    u1, y1, f1 = E.load(clean)
-    u2, y2, f2 = E.load(out)
-    assert list(u1) == list(u2) and (y1 == y2).all() and np.array_equal(f1, f2)
-
-
-# ------------------------------------------------------------------------------ catalogue
+HOSTILE_TEST = "tests/hostile/test_hostile.py::test_hostile_input"
 
 
 def catalogue_markdown() -> str:
-    """The catalogue as a Markdown table (for README.md)."""
+    """The catalogue as a Markdown table (for docs/testing.md)."""
     lines = ["| case | stage | expected outcome | test |", "|---|---|---|---|"]
     for c in CASES:
         exp = c.expected.describe() + (
             f" **(known bug, strict xfail: {c.xfail})**" if c.xfail else ""
         )
         exp = exp.replace("|", "\\|")
-        lines.append(
-            f"| `{c.name}` | {STAGES[c.stage]} | {exp} | `test_hostile.py::test_hostile_input[{c.name}]` |"
-        )
+        lines.append(f"| `{c.name}` | {STAGES[c.stage]} | {exp} | `{HOSTILE_TEST}[{c.name}]` |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(catalogue_markdown())

@@ -28,7 +28,7 @@ from pipeline.caption_filter.score import (
 from pipeline.core import io
 from pipeline.core.config import ConfigError, build, load_config, load_dataset
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
