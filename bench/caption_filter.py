@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _util import table  # noqa: E402
+from _util import add_record_flag, record, table  # noqa: E402
 
 from pipeline.caption_filter.config import CaptionFilterConfig  # noqa: E402
 from pipeline.caption_filter.encoders import load_encoder  # noqa: E402
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs per row")
+    add_record_flag(p)
     a = p.parse_args()
     cfg = CaptionFilterConfig(device=a.device, batch_size=a.batch_size)
     with open(LABELS, encoding="utf-8", newline="") as f:
@@ -93,8 +94,11 @@ def main() -> None:
     base = rows[0]["captions/s"]
     for r in rows:
         r["ratio"] = r["captions/s"] / base
-    print(f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}")
-    print(table(rows, ["path", "seconds", "captions/s", "ratio"]))
+    what = f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}"
+    print(what)
+    cols = ["path", "seconds", "captions/s", "ratio"]
+    print(table(rows, cols))
+    record("caption_filter", rows, cols, a, note=f"{what}; best of {a.repeats}")
 
 
 if __name__ == "__main__":

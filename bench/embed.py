@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import numpy as np
-from _util import table
+from _util import add_record_flag, record, table
 
 from pipeline.core import io
 from pipeline.embed.config import EmbedConfig
@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--source", choices=["auto", "fashion-mnist", "synthetic"], default="auto")
     ap.add_argument("--keep", help="write the shards here and keep them (else a temp dir)")
+    add_record_flag(ap)
     args = ap.parse_args()
     if args.quick:
         args.images, args.shards = min(args.images, 2000), min(args.shards, 4)
@@ -199,16 +200,18 @@ def main() -> None:
         {"path": "data path only (workers)", "images/s": decode, "ratio": decode / forward},
         {"path": "primer embed (end to end)", "images/s": e2e, "ratio": e2e / forward},
     ]
-    print(
+    what = (
         f"model={args.model} device={lm_meta.get('precision')}@{args.device} "
         f"batch={args.batch_size} workers={args.workers} images={stats['embedded']} "
-        f"shards={args.shards} source={source} (written in {make_s:.1f} s)"
+        f"shards={args.shards} source={source}"
     )
+    print(f"{what} (written in {make_s:.1f} s)")
     print(
         f"embed timings: wait {stats['wait_s']:.2f} s, compute {stats['compute_s']:.2f} s, "
         f"write {stats['write_s']:.2f} s of {stats['seconds_this_run']:.2f} s"
     )
     print(table(rows, ["path", "images/s", "ratio"]))
+    record("embed", rows, ["path", "images/s", "ratio"], args, note=what)
 
 
 if __name__ == "__main__":
