@@ -51,7 +51,7 @@ def global_keep_keys(
 
     All numpy sorts over integers: the uid's words order uids as their strings do, and URLs are
     told apart by a 128-bit digest, as rows are by their 128-bit uid. (Arrow's string
-    ``group_by`` and ``join`` took most of a second per million matches.)
+    ``group_by`` and ``join`` were far slower.)
     """
     counts: Counter = Counter()
     n = len(keys)

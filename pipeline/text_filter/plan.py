@@ -34,7 +34,7 @@ def check_inputs(
 
     A missing required column always raises; an unreadable footer raises unless
     ``skip_bad_files``. Footers are read by a thread pool (thousands of files on an object
-    store took minutes one at a time); errors are reported in file order, as one at a time.
+    store are slow to read one at a time); errors are reported in file order, as one at a time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
