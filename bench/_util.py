@@ -2,7 +2,7 @@
 
 ``--record`` (see :func:`add_record_flag`) appends the run's rows as one dated JSON line to
 ``bench/results/<stage>.jsonl``; ``python bench/render.py`` rewrites the tables of
-``docs/benchmarks.md`` from the latest line of each file.
+``docs/benchmarks.md`` from them (the latest run of each command).
 """
 
 from __future__ import annotations

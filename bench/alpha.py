@@ -24,7 +24,7 @@ import argparse
 import os
 
 import numpy as np
-from _util import table
+from _util import add_record_flag, record, table
 
 from pipeline.evaluate import alpha as A
 from pipeline.evaluate.classify import class_sums
@@ -93,19 +93,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", type=int, default=24, help="worlds per set")
     ap.add_argument("--list", action="store_true", help="print every world's gaps too")
+    add_record_flag(ap)
     args = ap.parse_args()
     print(
         f"alpha rules without shots ({os.cpu_count()} cores): gap to the best alpha in "
         f"hindsight, points of test accuracy, over {args.worlds} worlds per set"
     )
     cols = ["rule", "mean gap", "max gap", "misses"]
+    recorded = []
     for title, specs in (
         ("standard", standard_specs(args.worlds)),
         ("stress", stress_specs(args.worlds)),
     ):
         for protocol in (ZERO_SHOT_PRIMING, TRANSDUCTIVE_PRIMING):
             print(f"\n{title} worlds, {protocol}:")
-            print(table(run(specs, protocol, args.list), cols))
+            rows = run(specs, protocol, args.list)
+            print(table(rows, cols))
+            recorded += [{"worlds": title, "protocol": protocol, **r} for r in rows]
+    note = (
+        f"gap to the best alpha in hindsight, points of test accuracy; {args.worlds} worlds per set"
+    )
+    record("alpha", recorded, ["worlds", "protocol", *cols], args, note=note)
 
 
 if __name__ == "__main__":

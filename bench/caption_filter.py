@@ -102,10 +102,11 @@ def main() -> None:
     base = rows[0]["captions/s"]
     for r in rows:
         r["ratio"] = r["captions/s"] / base
-    print(f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}")
-    print(table(rows, ["path", "seconds", "captions/s", "ratio"]))
-    note = f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}"
-    record("caption_filter", rows, ["path", "seconds", "captions/s", "ratio"], a, note)
+    what = f"{a.rows} captions, {encoder.name} on {encoder.device}, batch {a.batch_size}"
+    print(what)
+    cols = ["path", "seconds", "captions/s", "ratio"]
+    print(table(rows, cols))
+    record("caption_filter", rows, cols, a, note=f"{what}; best of {a.repeats}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from _util import table  # also puts the repo root on sys.path
+from _util import add_record_flag, record, table  # also puts the repo root on sys.path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--child", choices=["primer", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--matches", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    add_record_flag(p)
     args = p.parse_args()
     if args.child:
         _child(args.child, args.matches, args.out, args.processes, args.threads, args.shard)
@@ -169,10 +170,11 @@ def main() -> None:
                 }
             )
     rows += _urlcheck_rows(200_000 if args.quick else 1_000_000)
-    sys.stdout.write(
-        f"download: {n} Fashion-MNIST images from loopback, {args.processes} processes x {args.threads} threads, {args.shard} per shard\n"
-    )
-    sys.stdout.write(table(rows, ["what", "items", "seconds", "per_s", "ratio"]) + "\n")
+    what = f"download: {n} Fashion-MNIST images from loopback, {args.processes} processes x {args.threads} threads, {args.shard} per shard"
+    sys.stdout.write(what + "\n")
+    cols = ["what", "items", "seconds", "per_s", "ratio"]
+    sys.stdout.write(table(rows, cols) + "\n")
+    record("download", rows, cols, args, note=what)
     sys.stdout.write("ratio: throughput relative to the first row of its kind (>1 is faster)\n")
 
 

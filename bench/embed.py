@@ -200,21 +200,18 @@ def main() -> None:
         {"path": "data path only (workers)", "images/s": decode, "ratio": decode / forward},
         {"path": "primer embed (end to end)", "images/s": e2e, "ratio": e2e / forward},
     ]
-    print(
+    what = (
         f"model={args.model} device={lm_meta.get('precision')}@{args.device} "
         f"batch={args.batch_size} workers={args.workers} images={stats['embedded']} "
-        f"shards={args.shards} source={source} (written in {make_s:.1f} s)"
+        f"shards={args.shards} source={source}"
     )
+    print(f"{what} (written in {make_s:.1f} s)")
     print(
         f"embed timings: wait {stats['wait_s']:.2f} s, compute {stats['compute_s']:.2f} s, "
         f"write {stats['write_s']:.2f} s of {stats['seconds_this_run']:.2f} s"
     )
     print(table(rows, ["path", "images/s", "ratio"]))
-    note = (
-        f"{args.model} ({lm_meta.get('precision')}), batch {args.batch_size}, "
-        f"{args.workers} workers, {stats['embedded']} {source} images"
-    )
-    record("embed", rows, ["path", "images/s", "ratio"], args, note)
+    record("embed", rows, ["path", "images/s", "ratio"], args, note=what)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import os
 import tempfile
 
 import numpy as np
-from _util import table, timed
+from _util import add_record_flag, record, table, timed
 
 from pipeline.core import embeddings as E
 from pipeline.core import io
@@ -123,6 +123,7 @@ def write_dirs(task: Task, root: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="20k priming images instead of 100k")
+    add_record_flag(ap)
     args = ap.parse_args()
     n_priming = 20_000 if args.quick else 100_000
     task = make_task(n_priming)
@@ -178,23 +179,12 @@ def main() -> None:
                 ),
             }
         )
-    print(
-        f"stage 6 on CPU ({os.cpu_count()} cores): {CLASSES} classes, dim {DIM}, {len(task.train_labels)} train, {len(task.test_labels)} test, {n_priming} priming images, shots {shots} x {seeds} seeds"
-    )
-    print(
-        table(
-            rows,
-            [
-                "case",
-                "seconds",
-                "table rows/s",
-                "speedup vs baseline",
-                "zero-shot %",
-                "priming %",
-                "10-shot+priming %",
-            ],
-        )
-    )
+    what = f"stage 6 on CPU ({os.cpu_count()} cores): {CLASSES} classes, dim {DIM}, {len(task.train_labels)} train, {len(task.test_labels)} test, {n_priming} priming images, shots {shots} x {seeds} seeds"
+    print(what)
+    cols = ["case", "seconds", "table rows/s", "speedup vs baseline", "zero-shot %", "priming %",
+            "10-shot+priming %"]  # fmt: skip
+    print(table(rows, cols))
+    record("evaluate", rows, cols, args, note=what)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 import time
 import tracemalloc
 
-from _util import table
+from _util import add_record_flag, record, table
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_450_000, help="matches")
     ap.add_argument("--parts", type=int, default=8)
     ap.add_argument("--url-share", type=float, default=2.0, help="uids per URL, about")
+    add_record_flag(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pipeline.demo.synthetic import scan_keys, write_scan_keys
@@ -78,8 +79,10 @@ def main() -> None:
                         "kept": f"{int(kept.sum()):,}",
                     }
                 )
-        print(f"{n:,} matches in {args.parts} parts, about {args.url_share:g} uids per URL")
+        what = f"{n:,} matches in {args.parts} parts, about {args.url_share:g} uids per URL"
+        print(what)
         print(table(rows, list(rows[0])))
+        record("global_filters", rows, list(rows[0]), args, note=what)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

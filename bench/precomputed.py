@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import numpy as np
-from _util import table
+from _util import add_record_flag, record, table
 
 from pipeline.core import io
 from pipeline.demo.embedding_folder import make_folder, unit
@@ -142,13 +142,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller folder (< 1 min)")
     ap.add_argument("--gpu", action="store_true", help="kNN on faiss-gpu's GPUs (use_gpu=yes)")
+    add_record_flag(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     files, per = (4, 20_000) if args.quick else (8, 50_000)
     s3_files = 2 if args.quick else 4
     shares = [0.001, 0.01, 0.1]
-    print(f"folder: {files} files x {per:,} rows x {DIM} float16; {os.cpu_count()} cores")
+    what = f"folder: {files} files x {per:,} rows x {DIM} float16; {os.cpu_count()} cores"
+    print(what)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "laion")
         make_folder(root, sizes=(per,) * files, dim=DIM, dtypes=("float16",), centers=256)
@@ -179,13 +181,16 @@ def main() -> None:
             server.stop()
         print("\nGather by row vs whole files (rows/s; best of 3)")
         cols = ["store", "read", "share", "rows", "whole files rows/s", "by row rows/s"]
-        print(table(rows, [*cols, "speedup", "npy MB whole", "npy MB by row"]))
+        cols = [*cols, "speedup", "npy MB whole", "npy MB by row"]
+        print(table(rows, cols))
+        record("precomputed_gather", rows, cols, args, note=f"{what}; best of 3")
         n_q = 200 if args.quick else 1000
-        print(
-            f"\nkNN: {n_q} queries, k=100, over {files * per:,} rows (CPU{' + GPU' if args.gpu else ''})"
-        )
+        what = f"kNN: {n_q} queries, k=100, over {files * per:,} rows (CPU{' + GPU' if args.gpu else ''})"
+        print("\n" + what)
         knn = bench_knn(root, n_q, 100, args.gpu)
-        print(table(knn, ["method", "total_s", "queries/s", "vs baseline", "recall"]))
+        cols = ["method", "total_s", "queries/s", "vs baseline", "recall"]
+        print(table(knn, cols))
+        record("precomputed_knn", knn, cols, args, note=what)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ def run(cfg: CaptionFilterConfig | None = None, calibrate_first: bool = False) -
 
 
 def main() -> None:
+    from _util import add_record_flag, record
     from _util import table as text_table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -245,6 +246,7 @@ def main() -> None:
     p.add_argument("--designs", action="store_true", help="also compare scoring designs (AUC)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the table here")
+    add_record_flag(p)
     a = p.parse_args()
     result = run(CaptionFilterConfig(device=a.device), calibrate_first=a.calibrate)
     print(f"thresholds calibrated on half 0 (recall {RECALL_AT}):")
@@ -252,16 +254,14 @@ def main() -> None:
     cols = ["rows", "dataset", "method", "labelled", "relevant", "kept", "relevant kept",
             "precision", "recall"]  # fmt: skip
     print(text_table(result["table"], cols))
+    record("retrieval_quality", result["table"], cols, a, note=json.dumps(result["thresholds"]))
     if a.designs:
         from pipeline.caption_filter.encoders import load_encoder
 
         enc = load_encoder(result["cfg"])
-        print(
-            text_table(
-                compare_designs(result["rows"], result["cfg"], enc.encode),
-                ["dataset", "design", "auc"],
-            )
-        )
+        designs = compare_designs(result["rows"], result["cfg"], enc.encode)
+        print(text_table(designs, ["dataset", "design", "auc"]))
+        record("retrieval_designs", designs, ["dataset", "design", "auc"], a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result["table"], f, indent=2)

@@ -33,7 +33,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _util import table  # noqa: E402
+from _util import add_record_flag, record, table  # noqa: E402
 
 import pipeline.select.knn as knn  # noqa: E402
 from pipeline.select.knn import KnnConfig, recall_at_k, search  # noqa: E402
@@ -80,6 +80,7 @@ def main() -> None:
         type=int,
         help="IVF lists probed (default nlist/32; 0: calibrate to the target recall)",
     )
+    add_record_flag(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n_pool, n_q = (100_000, 1_000) if args.quick else (1_000_000, 10_000)
@@ -91,9 +92,8 @@ def main() -> None:
     t = time.perf_counter()
     pool = unit_rows(rng, n_pool, centers)
     q = unit_rows(rng, n_q, centers)
-    print(
-        f"pool {n_pool:,} x {DIM}, queries {n_q:,}, k={K}, {os.cpu_count()} cores, data {'clustered' if args.clustered else 'uniform'} ({time.perf_counter() - t:.1f} s to make)"
-    )
+    what = f"pool {n_pool:,} x {DIM}, queries {n_q:,}, k={K}, {os.cpu_count()} cores, data {'clustered' if args.clustered else 'uniform'}"
+    print(f"{what} ({time.perf_counter() - t:.1f} s to make)")
 
     rows = []
     t = time.perf_counter()
@@ -145,24 +145,13 @@ def main() -> None:
         r["recall@10"] = recall[r["method"]]
         r["queries/s"] = n_q / r["total_s"]
         r["speed vs torch"] = base_s / r["total_s"]
-    print(
-        table(
-            rows,
-            [
-                "method",
-                "build_s",
-                "search_s",
-                "total_s",
-                "queries/s",
-                "speed vs torch",
-                "recall@10",
-            ],
-        )
-    )
+    cols = ["method", "build_s", "search_s", "total_s", "queries/s", "speed vs torch", "recall@10"]
+    print(table(rows, cols))
     if "calibration_recall" in info:
-        print(
-            f"IVF calibration: recall@{K} {info['calibration_recall']} on {cfg.calibration_queries} sampled queries (target {cfg.target_recall})"
-        )
+        calibration = f"IVF calibration: recall@{K} {info['calibration_recall']} on {cfg.calibration_queries} sampled queries (target {cfg.target_recall})"
+        print(calibration)
+        what += "; " + calibration
+    record("selection", rows, cols, args, note=what)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _util import table
+from _util import add_record_flag, record, table
 
 
 def main() -> None:
@@ -49,6 +49,7 @@ def main() -> None:
     )
     ap.add_argument("--dataset", default="ImageNet", help="whose classes and rules to match")
     ap.add_argument("--matcher-only", action="store_true", help="the matcher rows alone")
+    add_record_flag(ap)
     args = ap.parse_args()
     n = args.rows or (200_000 if args.quick else 2_000_000)
     logging.basicConfig(level=logging.WARNING)
@@ -57,7 +58,7 @@ def main() -> None:
     try:
         run(
             n, args.quick, args.dataset, tmp, args.files, args.task_rows, args.split_rows,
-            args.matcher_only,
+            args.matcher_only, args,
         )  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,6 +73,7 @@ def run(
     task_rows: int | None,
     split_rows: int | None,
     matcher_only: bool = False,
+    args=None,
 ) -> None:
     from pipeline.core.config import load_dataset
     from pipeline.demo.synthetic import laion_table, make_captions
@@ -143,8 +145,11 @@ def run(
             f"contradicted; ready in {build_s * 1000:.0f} ms"
         )
         add(f"matcher, 1 core ({engine})", n, time.perf_counter() - t0, note)
+    cols = ["method", "captions", "seconds", "captions/s", "MB/s", "vs matcher", "note"]
     if matcher_only:
-        print(table(rows, ["method", "captions", "seconds", "captions/s", "MB/s", "note"]))
+        _vs_matcher(rows)
+        print(table(rows, cols))
+        record("text_filter", rows, cols, args, note=f"{dataset}, {n:,} captions")
         return
 
     seconds, spread = _two_process_floor(meta, files, rules, 1 if quick else 3)
@@ -225,19 +230,23 @@ def run(
         [r.search(low) for r in regs]
     add("per-class Python loop", loop_n, time.perf_counter() - t0, "slice")
 
-    base = rows[1]["captions/s"]
-    for r in rows:
-        r["vs matcher"] = r["captions/s"] / base
-    print(
-        table(rows, ["method", "captions", "seconds", "captions/s", "MB/s", "vs matcher", "note"])
-    )
+    base = _vs_matcher(rows)
+    print(table(rows, cols))
     ratio = ratios[len(ratios) // 2]
     each = (
         " (run by run: " + ", ".join(f"{r:.0f}x" for r in ratios) + ")" if len(ratios) > 1 else ""
     )
-    print(
-        f"\nprimer filter vs Spark rlike: {ratio:.0f}x{each}; matcher vs bare read: {base / rows[0]['captions/s']:.2f}"
-    )
+    summary = f"primer filter vs Spark rlike: {ratio:.0f}x{each}; matcher vs bare read: {base / rows[0]['captions/s']:.2f}"
+    print("\n" + summary)
+    record("text_filter", rows, cols, args, note=f"{dataset}, {n:,} captions; {summary}")
+
+
+def _vs_matcher(rows: list[dict]) -> float:
+    """Adds each row's speed relative to the matcher with the default engine (row 1)."""
+    base = rows[1]["captions/s"]
+    for r in rows:
+        r["vs matcher"] = r["captions/s"] / base
+    return base
 
 
 def _two_process_floor(meta: str, files: int, rules, turns: int) -> tuple[float, str]:

@@ -37,8 +37,8 @@ T = TypeVar("T")
 
 
 def _yaml_load(text: str):
-    """``yaml.safe_load`` with libyaml's parser where PyYAML has it: the pure-Python one takes
-    0.15 s over ImageNet's 1000-class YAML, which every stage and every Spark task loads."""
+    """``yaml.safe_load`` with libyaml's parser where PyYAML has it: the pure-Python one is slow
+    over large dataset YAMLs (ImageNet's 1000 classes), which every stage and Spark task loads."""
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
@@ -135,7 +135,7 @@ def load_dataset(name_or_path: str | os.PathLike, descriptions: bool = True) -> 
     """Load a bundled dataset by name (``StanfordCars``) or a user's YAML file by path.
 
     ``descriptions=False`` skips the CuPL descriptions file (``spec.descriptions`` is None):
-    the text filter never reads them, and ImageNet's take 50 ms to parse.
+    the text filter never reads them, and large ones (ImageNet's) are slow to parse.
 
     The text filter's rules (see :class:`pipeline.text_filter.terms.MatchRules`) come from the
     file's ``synonyms``, ``families``, ``exclude``, ``kind_words``, ``class_kinds``,

@@ -16,7 +16,7 @@ this module swaps four of its parts, each for a stated reason:
   other machines, which inherit nothing from the driver); unpickling it imports this module,
   which installs our ``download_image`` in that worker.
 - ``multiprocessing_distributor``: img2dataset's spawns a fresh interpreter per worker (and a
-  new one every 5 shards); each pays about 7 s importing img2dataset, torch and wandb. Ours
+  new one every 5 shards); each pays for importing img2dataset, torch and wandb again. Ours
   uses a ``forkserver`` that imports them once per driver process; workers fork from it
   (fork-safe: the server is single-threaded), and the driver shows a progress bar.
 - ``LoggerProcess``: img2dataset spawns one more interpreter only to print its stats files;

@@ -51,7 +51,7 @@ def global_keep_keys(
 
     All numpy sorts over integers: the uid's words order uids as their strings do, and URLs are
     told apart by a 128-bit digest, as rows are by their 128-bit uid. (Arrow's string
-    ``group_by`` and ``join`` took most of a second per million matches.)
+    ``group_by`` and ``join`` were far slower.)
     """
     counts: Counter = Counter()
     n = len(keys)
@@ -177,8 +177,7 @@ def _sort_ties(rows: np.ndarray, keys: tuple[np.ndarray, ...]) -> np.ndarray:
     rows equal in every key kept in that order. By the first three keys, then, only for the
     rows still equal in those (a row found twice), by the rest: rows that share a URL but not
     a uid, the common tie, cost three gathers and key passes of np.lexsort, not one per key
-    (URL de-duplication of 1.45M matches, most URLs shared: 1.1 s, against 1.8 s with one
-    np.lexsort over all six keys)."""
+    (faster than one np.lexsort over all six keys where most URLs are shared)."""
     head = [k[rows] for k in keys[:3]]
     o = np.lexsort(head[::-1])
     rows = rows[o]
@@ -210,7 +209,7 @@ def _read_keys(
 
     The files are read straight into the array (sizes from one listing of the scan directory):
     the driver holds the keys once (reading them as bytes and joining held them twice, and
-    np.concatenate of packed records copies field by field, 7x slower than bytes).
+    np.concatenate of packed records copies field by field, far slower than bytes).
     """
     if not indices:
         return np.zeros(0, dtype=KEY_DTYPE), []
@@ -290,9 +289,9 @@ def _read_keys_bucket(
 
 
 # Peak bytes the global filters hold per match of a bucket: the records, their parts, the sort
-# and its temporaries. Measured with tracemalloc at 1.45M matches (bench/global_filters.py):
-# 70-80 where few rows share a URL, up to 121 where most do (the rows tied on the sort's first
-# key are sorted again); rounded up, with room to spare.
+# and its temporaries: the peak bench/global_filters.py measures (higher where most rows share a
+# URL, since the rows tied on the sort's first key are sorted again), rounded up with room to
+# spare (docs/benchmarks.md).
 GLOBAL_BYTES_PER_MATCH = 136
 
 

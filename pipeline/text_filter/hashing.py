@@ -65,7 +65,7 @@ def _has_control_bytes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def blake2b_128(arr: pa.Array) -> np.ndarray:
     """BLAKE2b with a 16-byte digest of each row of a string or binary array (nulls hash as
     empty): ``uint8 [rows, 16]``. numba's kernel where numba imports, else hashlib per row (the
-    same bytes, a third of the speed)."""
+    same bytes, slower: bench/hashing.py)."""
     offsets, values = _row_bytes(arr)
     out = np.zeros((len(offsets) - 1, 16), dtype=np.uint8)
     if not len(out):

@@ -2,12 +2,12 @@
 (see :mod:`pipeline.text_filter.token_ac`), BLAKE2b-128 (uids) and MurmurHash3_x64_128 (URL keys) over
 the rows of an Arrow binary array, and the global filters' pass over the sorted match keys.
 
-Imported only where they run: importing numba costs about 0.3 s. Compiled code is cached on
-disk by numba (``__pycache__`` here, or numba's user cache dir where that is read-only), so a
-process loads it in a fraction of a second after the first compile of a few seconds.
+Imported only where they run, since importing numba is slow. Compiled code is cached on disk
+by numba (``__pycache__`` here, or numba's user cache dir where that is read-only), so a process
+after the first loads it instead of compiling it again.
 
 Every index in the hot loops is unsigned: numba wraps signed indices for negative values,
-which doubled the cost of the byte loops.
+which made the byte loops much slower.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def scan(
     nh = 0
     for r in range(n):
         # Plain ASCII first; at a byte >= 0x80 the row again, with the non-ASCII branch. (The
-        # shared arguments as one tuple cost an eighth of the loop's speed.)
+        # shared arguments as one tuple slowed the loop.)
         s, e = U(offsets[r]), U(offsets[r + 1])
         nt = tokenize(values, s, e, lut, ent_buf, ent_off, ent_start, cp_class, False, ts, te, th)
         if nt == -2:
@@ -245,8 +245,8 @@ def scan(
 
 # ---------------------------------------------------------------------- BLAKE2b-128
 # RFC 7693, unkeyed, 16-byte digest: the same bytes as hashlib.blake2b(data, digest_size=16),
-# about 3x faster than calling hashlib once per row (tests compare the two on every block
-# boundary). Used for row uids, which every stage must agree on.
+# faster than calling hashlib once per row (bench/hashing.py; tests compare the two on every
+# block boundary). Used for row uids, which every stage must agree on.
 
 BLAKE2B_IV = np.array(
     [
@@ -279,7 +279,7 @@ def _mix(a, b, c, d, x, y):
 @_inline
 def _round(v, m, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15):
     # One round; s0..s15 is the round's message permutation (literal, so the state stays in
-    # registers after inlining: a loop over a permutation table ran 2.3x slower).
+    # registers after inlining: a loop over a permutation table ran slower).
     v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15 = v
     v0, v4, v8, v12 = _mix(v0, v4, v8, v12, m[s0], m[s1])
     v1, v5, v9, v13 = _mix(v1, v5, v9, v13, m[s2], m[s3])

@@ -18,15 +18,15 @@ Rules (a superset of the reference's SQLite FTS phrase query ``TEXT MATCH '"<nam
 Engines (``auto`` picks the first that imports; all give the same answers, and the tests hold
 them to it):
 
-- ``tokens`` (numba; :mod:`pipeline.text_filter.token_ac`, about 4M captions/s on one core): one
+- ``tokens`` (numba; :mod:`pipeline.text_filter.token_ac`; the fastest, so the default): one
   compiled pass over the Arrow string buffer splits captions into tokens with the byte table
   below, looks each token up in a hash table of the terms' tokens and steps an Aho-Corasick
   automaton over token ids. No normalised copy, no per-hit Python. Rows with characters the
   pass cannot normalise on its own, or unusual entities, are flagged by it and go through the
   Unicode path below, then through the same kernel.
-- ``hyperscan`` (Intel's SIMD literal matcher, about 2M/s) and ``ahocorasick``
-  (``ahocorasick_rs``, portable Rust, about 1.2M/s): byte engines over a normalised copy of
-  the batch, built as follows.
+- ``hyperscan`` (Intel's SIMD literal matcher) and ``ahocorasick`` (``ahocorasick_rs``,
+  portable Rust): byte engines over a normalised copy of the batch, built as follows. Their
+  speeds beside ``tokens``: docs/benchmarks.md.
 
 Normalised copy for the byte engines: a batch is joined by Arrow into one buffer, rows
 separated by space, 0xFF, space (0xFF never occurs in UTF-8), mapped by one byte table
@@ -34,7 +34,7 @@ separated by space, 0xFF, space (0xFF never occurs in UTF-8), mapped by one byte
 0xFF a newline), and runs of spaces are
 collapsed (a numpy mask, compacted by Arrow's filter kernel); row boundaries are the newlines.
 Plain ASCII rows need nothing else: the common separator entities (``&amp;``, ``&quot;``, ...)
-are blanked in place. The rows with other entities or non-ASCII bytes (11% of the bench's
+are blanked in place. The rows with other entities or non-ASCII bytes (a minority of
 LAION-like captions) are normalised again, all at once, and appended to the buffer: joined by
 NUL into one string for ``html.unescape`` and NFKC, then lower-cased and split on Unicode
 separators by a per-code-point table over their UTF-8 bytes. The few rows that need more
@@ -44,9 +44,8 @@ back to rows.
 
 Every term is one literal pattern `` tok tok `` and the byte engine scans the whole buffer
 once. Patterns hold no ``\n``, so no match spans two rows; match offsets are mapped back to rows
-with ``searchsorted``. hyperscan scans a 65536-row batch in about 8 ms, but calls Python once
-per hit; ahocorasick runs at about 150 MB/s, because every space in a caption starts a pattern
-prefix.
+with ``searchsorted``. hyperscan scans a batch at memory speed, but calls Python once per hit;
+ahocorasick is slower, because every space in a caption starts a pattern prefix.
 
 Whatever the engine, the containment and ambiguity rules are resolved with numpy over all hits
 of a batch at once. bench/text_filter.py measures every engine.
@@ -237,7 +236,7 @@ class Matcher:
 
         # Every byte escaped: the patterns are literals, and \xNN keeps UTF-8 bytes intact.
         # Literals without start-of-match tracking compile in milliseconds and scan at memory
-        # speed (a regex " tok +tok " on an uncollapsed buffer compiled in 3 s, scanned 3x
+        # speed (a regex " tok +tok " on an uncollapsed buffer compiled and scanned far
         # slower); the start is the end minus the pattern's length.
         exprs = [b"".join(b"\\x%02x" % b for b in p) for p in patterns]
         db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
@@ -464,7 +463,7 @@ def _collapse(buf: np.ndarray) -> np.ndarray:
     """Collapse runs of spaces to one space.
 
     The mask is built in numpy and packed to an Arrow bitmap: Arrow's filter kernel compacts
-    the bytes about 3x faster than numpy's boolean indexing.
+    the bytes faster than numpy's boolean indexing.
     """
     keep = np.empty(len(buf), dtype=bool)
     word = buf != _SPACE

@@ -34,7 +34,7 @@ def check_inputs(
 
     A missing required column always raises; an unreadable footer raises unless
     ``skip_bad_files``. Footers are read by a thread pool (thousands of files on an object
-    store took minutes one at a time); errors are reported in file order, as one at a time.
+    store are slow to read one at a time); errors are reported in file order, as one at a time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -123,9 +123,9 @@ def task_groups(
     the units still to scan; a unit missing from it counts as none, as an already scanned one
     costs nothing).
 
-    Spark spends 0.03-0.05 s between one task and the next on a worker here (0.12-0.23 s
-    before :func:`_freeze_worker_heap`; seconds where a task lands on a cold worker), so a
-    task per small file wastes a share of the time. No group holds more than an even share of
+    Spark leaves a gap between one task and the next on a worker (longer before
+    :func:`_freeze_worker_heap`, far longer where a task lands on a cold worker), so a task per
+    small file wastes a share of the time. No group holds more than an even share of
     the rows per core (``parallelism``) either, so grouping does not leave cores idle (Spark
     packs small files into partitions by the same rule); only a single unit larger than that
     (at most ``split_rows``, or a file of one large row group) makes a bigger task. Each unit

@@ -47,13 +47,13 @@ def _write_part(table: pa.Table, f) -> None:
         f,
         compression="zstd",
         use_dictionary=["label", "class_name", "matched_term", "source_file"],
-        # Min/max of URLs and captions prune nothing and cost a tenth of the write.
+        # Min/max of URLs and captions prune nothing and cost a share of the write.
         write_statistics=[c for c in table.column_names if c not in ("url", "caption")],
     )
 
 
 # The matcher of the last dataset, per process: a Spark worker runs many scan tasks of one job,
-# and building the terms of 1000 classes costs some 20 ms a task.
+# and building the terms of many classes again in every task would cost each of them time.
 _MATCHER: dict = {}
 
 
@@ -221,9 +221,9 @@ def scan_files(
     for whole files) in order; their stats.
 
     Each file's commit (fsync and rename, or upload to an object store, of its part and keys,
-    then its stats marker) runs on a background thread while the next file is scanned: on a
-    local disk the fsyncs wait about 20 ms per 500k-row file (of some 0.5 s) with the core
-    idle; uploads to an object store wait longer. The task returns once every commit is done.
+    then its stats marker) runs on a background thread while the next file is scanned: a
+    local disk's fsyncs, and longer an object store's uploads, would otherwise leave the core
+    idle. The task returns once every commit is done.
     A failed commit stops the task before its next file, with that error; a file whose commit
     failed has no marker and is rescanned by a rerun. When a scan fails, the commits still
     pending finish first (the files before it keep their markers), and any of them that
@@ -275,10 +275,9 @@ def _freeze_worker_heap() -> None:
     garbage collector's reach (``gc.freeze``).
 
     PySpark's daemon runs ``gc.collect()`` in a reused worker after every task, before it
-    takes the next. A full collection walks every tracked object: some 150k once numba is
-    loaded, 0.1-0.2 s here, which sat between one task and the next on each worker (0.14 s of
-    a 0.19 s gap, against 0.05 s for a trivial task). Frozen, it walks only what later tasks
-    leave. Not in the driver or a test process, whose objects a freeze would keep forever.
+    takes the next. A full collection walks every tracked object, and there are many once
+    numba is loaded: most of the gap between one task and the next on each worker. Frozen, it
+    walks only what later tasks leave. Not in the driver or a test process, whose objects a freeze would keep forever.
     """
     global _heap_frozen
     if _heap_frozen:
