@@ -208,7 +208,11 @@ def run_text_filter(
         OUTPUT_FORMAT,
         fingerprint.result_settings(cfg),
         {"metadata": fingerprint.file_identity(metadata, (".parquet",))},
-        dataset=spec.identity("classes", "synonyms"),
+        # Every rule the matches follow (exclusions, families, kinds, years), not just names.
+        dataset={
+            **spec.identity("classes", "synonyms"),
+            "rules": MatchRules.from_spec(spec).to_dict(),
+        },
     )
     if not fingerprint.prepare(out, fp, overwrite):
         return io.read_json(io.join(out, STATS))

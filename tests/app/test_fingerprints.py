@@ -102,6 +102,24 @@ def test_filter_on_an_output_of_another_dataset_is_refused(run, caplog):
     assert "dataset.classes" in caplog.text and "dataset.name" in caplog.text
 
 
+def test_filter_with_other_match_rules_is_refused(run, tmp_path, caplog):
+    """The dataset's match rules (here one more exclusion) change the matches: an output made
+    under the old rules is not reused."""
+    import yaml
+
+    from pipeline.core.config import load_dataset
+
+    spec = yaml.safe_load(open(load_dataset("FashionMNIST").path, encoding="utf-8"))
+    spec["exclude"]["dress"] = [*spec["exclude"]["dress"], "dress designer"]
+    edited = tmp_path / "FashionMNIST.yaml"
+    edited.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    step = next(s for s in STEPS if s.name == "filter")
+    argv = _argv(step, run)
+    argv[argv.index("--dataset") + 1] = str(edited)
+    assert main(argv) == 2
+    assert "dataset.rules" in caplog.text and "dataset.classes" not in caplog.text
+
+
 def test_embed_text_with_another_model_is_refused(run, caplog, tiny_model_name):
     step = next(s for s in STEPS if s.name == "embed-text")
     argv = [*_argv(step, run), "--set", "embed.model=RN50"]
