@@ -94,7 +94,12 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, default=24, help="worlds per set")
     ap.add_argument("--list", action="store_true", help="print every world's gaps too")
     add_record_flag(ap)
+    ap.add_argument(
+        "--quick", action="store_true", help="a small run (seconds to a minute) for make bench"
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.worlds = min(args.worlds, 4)
     print(
         f"alpha rules without shots ({os.cpu_count()} cores): gap to the best alpha in "
         f"hindsight, points of test accuracy, over {args.worlds} worlds per set"

@@ -25,7 +25,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--sample", type=int, default=100, help="refits timed (then scaled)")
     add_record_flag(ap)
+    ap.add_argument(
+        "--quick", action="store_true", help="a small run (seconds to a minute) for make bench"
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.priming, args.labelled, args.classes, args.sample = 1000, 200, 20, 20
     from pipeline.evaluate import influence as I
 
     rng = np.random.default_rng(0)

@@ -55,7 +55,12 @@ def main() -> None:
     p.add_argument("--encoder", choices=["minilm", "open_clip"], default="minilm")
     p.add_argument("--model", default="ViT-B-32", help="open_clip encoder's model (untrained)")
     add_record_flag(p)
+    p.add_argument(
+        "--quick", action="store_true", help="a small run (seconds to a minute) for make bench"
+    )
     a = p.parse_args()
+    if a.quick:
+        a.rows, a.repeats = min(a.rows, 256), 1
     cfg = CaptionFilterConfig(device=a.device, batch_size=a.batch_size, encoder=a.encoder)
     embed_cfg = None
     if a.encoder == "open_clip":

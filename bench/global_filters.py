@@ -30,7 +30,12 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=8)
     ap.add_argument("--url-share", type=float, default=2.0, help="uids per URL, about")
     add_record_flag(ap)
+    ap.add_argument(
+        "--quick", action="store_true", help="a small run (seconds to a minute) for make bench"
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.rows = min(args.rows, 100_000)
     logging.basicConfig(level=logging.WARNING)
     from pipeline.demo.synthetic import scan_keys, write_scan_keys
     from pipeline.text_filter.config import TextFilterConfig

@@ -27,7 +27,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=360_000, help="matched rows (default: 2M x 18%)")
     add_record_flag(ap)
+    ap.add_argument(
+        "--quick", action="store_true", help="a small run (seconds to a minute) for make bench"
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.rows = min(args.rows, 50_000)
     from pipeline.demo.synthetic import laion_table
     from pipeline.text_filter import hashing
 

@@ -247,6 +247,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the table here")
     add_record_flag(p)
+    p.add_argument("--quick", action="store_true", help="the same run (the labelled set is small)")
     a = p.parse_args()
     result = run(CaptionFilterConfig(device=a.device), calibrate_first=a.calibrate)
     print(f"thresholds calibrated on half 0 (recall {RECALL_AT}):")
