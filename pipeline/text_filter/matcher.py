@@ -570,7 +570,8 @@ def _normalize_unicode(arr: pa.Array) -> pa.Array:
     if not pc.any(uni).as_py():
         return arr
     sub = pc.replace_substring_regex(arr.filter(uni), _INVISIBLE, "")
-    # unicodedata returns already-normal strings after a quick check: faster than Arrow's
-    # utf8_normalize, which rebuilds every string.
+    # Python's unicodedata rather than Arrow's utf8_normalize/utf8_lower: the tokens kernel's
+    # table is built from the same Unicode tables, so every engine agrees on every code point
+    # (Arrow's utf8proc can follow another Unicode version).
     sub = pa.array([unicodedata.normalize("NFKC", s).lower() for s in sub.to_pylist()], pa.string())
     return pc.replace_with_mask(arr, uni, pc.replace_substring_regex(sub, _NON_WORD, " "))
