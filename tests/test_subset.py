@@ -65,7 +65,7 @@ def test_demo_runs_every_stage(demo_run):
 
 
 def test_rerun_skips_everything(demo_run, port, monkeypatch):
-    from pipeline.app import stages
+    from pipeline.app import adapters as stages
 
     calls = []
     for name in ("run_filter", "run_download", "run_embed_pool", "run_evaluate"):
@@ -116,7 +116,7 @@ def test_failed_stage_stops_the_run_and_keeps_earlier_outputs(demo_run, tmp_path
     shutil.copytree(demo_run, run)
     os.unlink(os.path.join(run, "_LOCK"))
     shutil.rmtree(os.path.join(run, "decisions"))
-    from pipeline.app import stages
+    from pipeline.app import adapters as stages
 
     def boom(call):
         raise io.InputError("no")
