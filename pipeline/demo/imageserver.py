@@ -8,6 +8,7 @@ Image sources that exist offline:
 with routes for the failure modes a downloader must survive::
 
     /fmnist/<split>/<index>.jpg|png   a Fashion-MNIST image (upscaled, RGB)
+    /fmnist/<split>/<style>/<index>.jpg|png   the same in a style of :mod:`pipeline.demo.data`
     /skimage/<name>.jpg|png           a scikit-image photo
     /status/<code>                    an empty response with that HTTP status (404, 500, ...)
     /slow/<seconds>/<path>            <path> after a delay
@@ -121,9 +122,14 @@ def encode_image(array: np.ndarray, fmt: str = "jpg", size: int | None = None) -
 
 
 @lru_cache(maxsize=4096)
-def fashion_mnist_bytes(split: str, index: int, fmt: str = "jpg", size: int = 64) -> bytes:
+def fashion_mnist_bytes(
+    split: str, index: int, fmt: str = "jpg", size: int = 64, style: str = "photo"
+) -> bytes:
+    """Fashion-MNIST image ``index`` of ``split`` in ``style``, encoded at ``size`` px."""
+    from pipeline.demo.data import stylise
+
     images, _ = load_fashion_mnist(split)
-    return encode_image(images[index], fmt, size)
+    return encode_image(stylise(images[index : index + 1], style)[0], fmt, size)
 
 
 @lru_cache(maxsize=64)
@@ -297,9 +303,14 @@ class ImageServer:
         parts = path.split("/")
         head = parts[0]
         if head == "fmnist":
-            split, name = parts[1], parts[2]
+            from pipeline.demo.data import STYLES
+
+            split, name = parts[1], parts[-1]
+            style = parts[2] if len(parts) == 4 else "photo"
+            if style not in STYLES:
+                return 404, b"no such style", "text/plain", {}
             index, ext = name.rsplit(".", 1)
-            body = fashion_mnist_bytes(split, int(index), ext, self.image_size)
+            body = fashion_mnist_bytes(split, int(index), ext, self.image_size, style)
             return 200, body, "image/jpeg" if ext == "jpg" else "image/png", {}
         if head == "skimage":
             name, ext = parts[1].rsplit(".", 1)

@@ -1,12 +1,15 @@
 """``primer demo``: the whole pipeline, offline, on a small corpus made here.
 
 The target task is Fashion-MNIST (Debian's ``dataset-fashion-mnist``): an ImageFolder of its
-test split's images (a seeded few per class for ``train``, more for ``test``). The "LAION"
-corpus is a LAION-2B-en-schema parquet whose captions read like alt text, some naming a
-class (with synonyms, plurals and some label noise, as in real data), whose image URLs point
-at a loopback image server started for the run (Fashion-MNIST training images, scikit-image
-photos, and a few broken URLs). The model is a tiny open_clip ViT with untrained, seeded
-weights: the run proves the pipeline end to end; its accuracies mean nothing.
+test split's images (a seeded few per class for ``train``, more for ``test``), all in the
+washed-out ``faded`` style of :mod:`pipeline.demo.data`, which the model never saw (a
+distribution shift). The "LAION" corpus is a LAION-2B-en-schema parquet whose captions read
+like alt text, most naming a class (with synonyms and some label noise, as in real data),
+whose image URLs point at a loopback image server started for the run (Fashion-MNIST
+training images in both styles, scikit-image photos, and a few broken URLs). The model is
+``primer-demo-vit``, a small CLIP trained by ``scripts/train_demo_model.py`` on other
+Fashion-MNIST images (``DEMO_SPLIT``) and shipped in ``conf/models/``; ``--pretrained none``
+runs the same architecture with untrained, seeded weights.
 
 Everything is seeded, so two runs give the same subset; the server's port is part of every
 URL (and so of every uid), which is why it is fixed (``--port``).
@@ -23,93 +26,82 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core import io
+from pipeline.core.config import CONF_DIR
+from pipeline.demo.data import DEMO_SPLIT, SHIFT_STYLE, stylise, web_caption
 from pipeline.demo.imageserver import FASHION_CLASSES, ImageServer, encode_image, load_fashion_mnist
 from pipeline.demo.synthetic import laion_table, make_captions
 
 log = logging.getLogger(__name__)
 
 DEMO_DATASET = "FashionMNIST"
-DEMO_MODEL = "primer-tiny-vit"
-
-_TEMPLATES = (
-    "{Name} for women - summer collection 2021",
-    "Men's {name}s | free shipping on orders over $50",
-    "vintage {name} size M, cotton, black",
-    "buy {name} online &amp; save",
-    "{NAME} SALE 50% OFF",
-    "kids {name} in grey, pack of 2",
-    "Photo of a {name} on a white background",
-    "new {name} by Kalomi (brand new with tags)",
-)
-
-# Words from the dataset YAML's synonyms show up in captions as in real alt text.
-_SYNONYM_CAPTIONS = {
-    0: "Cotton tee shirt, unisex",
-    1: "Slim fit jeans for men",
-    2: "Chunky knit sweater, oversized",
-    7: "Running trainers, lightweight",
-    9: "Leather chelsea boots",
-}
+DEMO_MODEL = "primer-demo-vit"
+# Trained by scripts/train_demo_model.py on DEMO_SPLIT.model_train (its recipe beside it).
+DEMO_CHECKPOINT = str(CONF_DIR / "models" / f"{DEMO_MODEL}.pt")
+# Share of the pool's Fashion-MNIST images shown in the task's shifted style (most: zero-shot
+# priming then has images of that style to find, and the pool rule for alpha to score).
+POOL_SHIFTED_SHARE = 0.7
 
 
-def _caption(rng: np.random.Generator, label: int) -> str:
-    name = FASHION_CLASSES[label]
-    if label in _SYNONYM_CAPTIONS and rng.random() < 0.15:
-        return _SYNONYM_CAPTIONS[label]
-    t = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    return t.format(
-        name=name.lower() if name != "T-shirt" else name,
-        Name=name.capitalize() if name != "T-shirt" else name,
-        NAME=name.upper(),
-    )
+def image_path(split: str, index: int, style: str = "photo", ext: str = "jpg") -> str:
+    """The image server's path of a Fashion-MNIST image in ``style``."""
+    if style == "photo":
+        return f"fmnist/{split}/{index}.{ext}"
+    return f"fmnist/{split}/{style}/{index}.{ext}"
 
 
 def demo_metadata(base_url: str, rows: int = 1200, seed: int = 0) -> pa.Table:
     """The demo's LAION-2B-en-schema metadata; every URL is under ``base_url`` (loopback).
 
-    About 70% of rows name a class (10% of those with an image of another class: caption
-    noise), 5% name two classes (ambiguous), the rest are unrelated alt text; a few URLs fail
-    (404, truncated image, HTML page, X-Robots-Tag: noai, connection reset).
+    Images come from ``DEMO_SPLIT.pool`` only. About 70% of rows show an image of a class
+    (:data:`POOL_SHIFTED_SHARE` of them in the test split's shifted style) with a caption
+    from :func:`pipeline.demo.data.web_caption` (some name a wrong class or none), 5% name
+    two classes (ambiguous), the rest are unrelated alt text; a few URLs fail (404, truncated
+    image, HTML page, X-Robots-Tag: noai, connection reset).
     """
     rng = np.random.default_rng(seed)
-    _, train_labels = load_fashion_mnist("train")
-    by_class = [np.flatnonzero(train_labels == c) for c in range(len(FASHION_CLASSES))]
+    _, labels = load_fashion_mnist(DEMO_SPLIT.source)
+    pool = np.asarray(DEMO_SPLIT.pool)
+    by_class = [pool[labels[pool] == c] for c in range(len(FASHION_CLASSES))]
+    src = DEMO_SPLIT.source
     urls, captions = [], []
     n_named = int(rows * 0.70)
     n_ambiguous = int(rows * 0.05)
     n_broken = 12
     n_plain = rows - n_named - n_ambiguous - n_broken
+
+    def style() -> str:
+        return SHIFT_STYLE if rng.random() < POOL_SHIFTED_SHARE else "photo"
+
     for _ in range(n_named):
         label = int(rng.integers(len(FASHION_CLASSES)))
-        shown = label if rng.random() > 0.10 else int(rng.integers(len(FASHION_CLASSES)))
-        idx = int(rng.choice(by_class[shown]))
-        urls.append(f"{base_url}/fmnist/train/{idx}.jpg")
-        captions.append(_caption(rng, label))
+        shown = style()
+        idx = int(rng.choice(by_class[label]))
+        urls.append(f"{base_url}/{image_path(src, idx, shown)}")
+        captions.append(web_caption(rng, label, shown)[0])
     for _ in range(n_ambiguous):
         a, b = rng.choice(len(FASHION_CLASSES), 2, replace=False)
         idx = int(rng.choice(by_class[a]))
-        urls.append(f"{base_url}/fmnist/train/{idx}.jpg")
+        urls.append(f"{base_url}/{image_path(src, idx)}")
         captions.append(f"{FASHION_CLASSES[a]} and {FASHION_CLASSES[b]} outfit set")
     plain, _ = make_captions(n_plain, (), seed=seed)
-    photos = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
+    photos = DEMO_SPLIT.pool_photos
     for i, cap in enumerate(plain):
         if i % 3 == 0:
             urls.append(f"{base_url}/skimage/{photos[i % len(photos)]}.jpg")
         else:
-            urls.append(f"{base_url}/fmnist/train/{int(rng.integers(60000))}.jpg")
+            urls.append(f"{base_url}/{image_path(src, int(rng.choice(pool)), style())}")
         captions.append(cap)
     broken = [
         "status/404",
         "status/500",
-        "truncated/fmnist/train/7.jpg",
+        f"truncated/{image_path(src, int(pool[7]))}",
         "notimage/page.jpg",
-        "noai/fmnist/train/8.jpg",
+        f"noai/{image_path(src, int(pool[8]))}",
         "reset/x.jpg",
     ]
     for i in range(n_broken):
-        label = i % len(FASHION_CLASSES)
         urls.append(f"{base_url}/{broken[i % len(broken)]}?i={i}")
-        captions.append(_caption(rng, label))
+        captions.append(web_caption(rng, i % len(FASHION_CLASSES))[0])
     order = rng.permutation(rows)
     return laion_table(
         rows,
@@ -123,8 +115,13 @@ def demo_metadata(base_url: str, rows: int = 1200, seed: int = 0) -> pa.Table:
 def write_task_imagefolder(
     root: str, train_per_class: int = 16, test_per_class: int = 60, seed: int = 0
 ) -> None:
-    """Fashion-MNIST test images as ``root/{train,test}/<class>/<index>.png`` (disjoint, seeded)."""
-    images, labels = load_fashion_mnist("test")
+    """The target task as ``root/{train,test}/<class>/<index>.png`` (disjoint, seeded).
+
+    Both splits are images of ``DEMO_SPLIT.task_split`` in the shifted style, which the model
+    never saw: the task is shifted from the model's training data, as real target tasks are
+    from LAION, and its shots come from the distribution of its test images.
+    """
+    images, labels = load_fashion_mnist(DEMO_SPLIT.task_split)
     rng = np.random.default_rng(seed)
     for c, name in enumerate(FASHION_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -135,7 +132,7 @@ def write_task_imagefolder(
             for i in sorted(chosen.tolist()):
                 io.write_bytes(
                     os.path.join(root, split, name, f"{i:05d}.png"),
-                    encode_image(images[i], "png", 64),
+                    encode_image(stylise(images[i : i + 1], SHIFT_STYLE)[0], "png", 64),
                 )
 
 
@@ -156,8 +153,15 @@ def prepare_inputs(out_dir: str, base_url: str, rows: int, seed: int) -> tuple[s
     return metadata, task
 
 
-def demo_overrides(extra: list[str] | None = None) -> list[str]:
-    """Settings that make the demo small, fast and able to reach its loopback server."""
+def demo_overrides(extra: list[str] | None = None, pretrained: str = "") -> list[str]:
+    """Settings that make the demo small, fast and able to reach its loopback server.
+
+    The model is the shipped demo checkpoint, or with ``pretrained="none"`` the same
+    architecture with untrained, seeded weights.
+    """
+    if pretrained not in ("", "none"):
+        raise ValueError(f"the demo's --pretrained takes only 'none', not {pretrained!r}")
+    checkpoint = "" if pretrained == "none" else DEMO_CHECKPOINT
     return [
         "download.allow_private_addresses=true",
         "download.processes=1",
@@ -168,6 +172,7 @@ def demo_overrides(extra: list[str] | None = None) -> list[str]:
         "download.samples_per_shard=256",
         f"embed.model={DEMO_MODEL}",
         "embed.pretrained=none",
+        f"embed.checkpoint={checkpoint}",
         "embed.device=cpu",
         "embed.batch_size=128",
         "embed.workers=1",
@@ -177,6 +182,14 @@ def demo_overrides(extra: list[str] | None = None) -> list[str]:
         "select.k=8",
         "evaluate.shots=[0, 1, 2, 5]",
         "evaluate.seeds=2",
+        # The demo model maps distinct garments close together (nearest other test image at
+        # cosine 0.99 and above), and a re-encoded copy above 0.999: 0.95 would drop
+        # nearly every priming image as a "copy". The pool holds none (DEMO_SPLIT).
+        "evaluate.neardup_threshold=0.999",
+        # Its image neighbourhoods are poor (most of a task image's 10 nearest are of other
+        # classes), where the neighbour-agreement rule has nothing to go on
+        # (docs/evaluation.md): zero-shot priming chooses alpha over the pool alone.
+        "evaluate.alpha_target=none",
         *(extra or []),
     ]
 
@@ -187,13 +200,14 @@ def demo_config(
     task: str,
     extra_overrides: list[str] | None = None,
     config_file: str | None = None,
+    pretrained: str = "",
 ) -> dict:
     """Every config section of a demo run (the demo's settings, then the user's)."""
     from pipeline.app.registry import resolve
 
     where = {"subset.dataset": DEMO_DATASET, "subset.metadata": metadata}
     where.update({"subset.data_root": task, "subset.run_dir": out_dir})
-    overrides = [f"{k}={v}" for k, v in where.items()] + demo_overrides(extra_overrides)
+    overrides = [f"{k}={v}" for k, v in where.items()] + demo_overrides(extra_overrides, pretrained)
     return resolve(config_file, overrides)
 
 
@@ -205,8 +219,12 @@ def run_demo(
     extra_overrides: list[str] | None = None,
     redo: list[str] | None = None,
     config_file: str | None = None,
+    pretrained: str = "",
 ) -> int:
-    """Serve the images, prepare inputs, run ``primer subset``; returns the exit code."""
+    """Serve the images, prepare inputs, run ``primer subset``; returns the exit code.
+
+    ``pretrained="none"``: untrained weights instead of the shipped demo model.
+    """
     from pipeline.app.subset import run_subset, summary
 
     try:
@@ -218,13 +236,21 @@ def run_demo(
         return 1
     with server:
         metadata, task = prepare_inputs(out_dir, server.base_url, rows, seed)
-        config = demo_config(out_dir, metadata, task, extra_overrides, config_file)
+        config = demo_config(out_dir, metadata, task, extra_overrides, config_file, pretrained)
         results = run_subset(config, redo=redo)
     sys.stdout.write(summary(results, out_dir))
-    sys.stdout.write(
-        "\nNOTE: the demo embeds with an untrained model (pretrained=none), so its accuracies are meaningless;\n"
-        "it shows that every stage runs. Open the report above to look at what was retrieved.\n"
-    )
+    if config["embed"].weights() == "untrained":
+        sys.stdout.write(
+            "\nNOTE: the demo embeds with an untrained model (pretrained=none), so its accuracies are meaningless;\n"
+            "it shows that every stage runs. Open the report above to look at what was retrieved.\n"
+        )
+    else:
+        sys.stdout.write(
+            f"\nThe model is {DEMO_MODEL}, a small CLIP trained here on other Fashion-MNIST images\n"
+            f"(recipe: conf/models/{DEMO_MODEL}.recipe.yaml). The task's images are {SHIFT_STYLE},\n"
+            "a style the model never saw: priming finds pool images in that style.\n"
+            "Open the report above to see them.\n"
+        )
     return 0
 
 
@@ -248,7 +274,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--rows", type=int, default=1200, help="metadata rows to generate (default 1200)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pretrained",
+        default="",
+        choices=["", "none"],
+        help="none: untrained weights instead of the shipped demo model",
+    )
     add_redo_option(p)
     p.set_defaults(
-        func=lambda a: run_demo(a.out, a.port, a.rows, a.seed, a.overrides, a.redo, a.config)
+        func=lambda a: run_demo(
+            a.out, a.port, a.rows, a.seed, a.overrides, a.redo, a.config, a.pretrained
+        )
     )

@@ -14,14 +14,24 @@ from pipeline.core import io
 from pipeline.demo.run import run_demo
 from tests.conftest import DEMO_ROWS
 
-SETTINGS = ["precomputed.model=primer-tiny-vit", "precomputed.pretrained=none"]
+# The folder's model: the demo's architecture untrained (a folder names its model by open_clip
+# name and tag, which the shipped checkpoint has not); the runs below use it too.
+SETTINGS = ["precomputed.model=primer-demo-vit", "precomputed.pretrained=none"]
+UNTRAINED = "none"
 
 
 @pytest.fixture
 def folder(demo_run, tmp_path):
-    """The demo's pool embeddings in the clip-retrieval layout (url, caption from matches)."""
+    """The demo's pool, embedded by the folder's model, in the clip-retrieval layout (url,
+    caption from matches)."""
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.pool import embed_shards
+
+    pool = str(tmp_path / "pool")
+    cfg = EmbedConfig(model="primer-demo-vit", pretrained="none", device="cpu", workers=0)
+    embed_shards(cfg, os.path.join(demo_run, "shards"), pool)
     out = str(tmp_path / "laion-emb")
-    argv = ["export-embeddings", "--src", os.path.join(demo_run, "emb", "pool"), "--out", out]
+    argv = ["export-embeddings", "--src", pool, "--out", out]
     assert main([*argv, "--matches", os.path.join(demo_run, "matches")]) == 0
     assert os.listdir(os.path.join(out, "img_emb")) and os.listdir(os.path.join(out, "metadata"))
     return out
@@ -42,7 +52,9 @@ def test_select_before_download_without_any_download(folder, tmp_path, port, cap
         "precomputed.k=20",
         *SETTINGS,
     ]
-    assert run_demo(run, port=port, rows=DEMO_ROWS, extra_overrides=extra) == 0
+    assert (
+        run_demo(run, port=port, rows=DEMO_ROWS, extra_overrides=extra, pretrained=UNTRAINED) == 0
+    )
     done = _status(run)
     assert not os.path.exists(os.path.join(run, "shards"))  # the model serves: no download
     for step in ("filter", "knn-text", "knn-image", "candidates", "import-embeddings",
@@ -58,7 +70,9 @@ def test_select_before_download_without_any_download(folder, tmp_path, port, cap
     assert kept["candidates"] > kept["kept"] > 0
     assert kept["downloads_avoided"] == kept["candidates"] - kept["kept"]
     n = kept["candidates"]  # nothing was downloaded at all
-    assert f"Downloads avoided: {n} of {n} candidates" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Downloads avoided: {n} of {n} candidates" in out
+    assert "untrained model (pretrained=none)" in out  # primer demo --pretrained none
     # Evaluation ran on the imported vectors: the priming rows are the kept ones.
     res = io.read_json(os.path.join(run, "eval", "results.json"))
     assert res["priming"]["transductive priming"]["priming_images"] == kept["kept"]
@@ -74,7 +88,9 @@ def test_force_download_fetches_only_the_kept_rows(folder, tmp_path, port, capsy
         "subset.force_download=true",
         *SETTINGS,
     ]
-    assert run_demo(run, port=port, rows=DEMO_ROWS, extra_overrides=extra) == 0
+    assert (
+        run_demo(run, port=port, rows=DEMO_ROWS, extra_overrides=extra, pretrained=UNTRAINED) == 0
+    )
     kept = io.read_json(os.path.join(run, "candidates", "kept", "_stats.json"))
     shards = io.read_json(os.path.join(run, "shards", "stats.json"))
     assert shards["total"] == kept["kept"] < kept["candidates"]
