@@ -10,6 +10,7 @@ bit-identical to open_clip's ``ToTensor`` + ``Normalize``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import logging
@@ -150,6 +151,27 @@ def model_identity(cfg: EmbedConfig) -> dict:
 _SHA_CACHE: dict[tuple, str] = {}
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    """Drop WARNING records of the root logger (open_clip logs there) inside the block."""
+    root = logging.getLogger()
+    drop = _DropWarnings()
+    root.addFilter(drop)
+    for h in root.handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        for h in root.handlers:
+            h.removeFilter(drop)
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno == logging.WARNING)
+
+
 def checkpoint_sha256(url: str) -> str:
     """SHA-256 of a checkpoint (read once per process for an unchanged file)."""
     fs, path = io.url_to_fs(url)
@@ -224,7 +246,9 @@ def load_model(cfg: EmbedConfig, local_rank: int | None = None) -> LoadedModel:
                 f"checkpoint {cfg.checkpoint!r} does not exist; pass the path of a saved state "
                 "dict, or --pretrained TAG / --pretrained none"
             )
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        # open_clip warns that the weights are random; the checkpoint replaces them just below.
+        with _quiet_root_warnings():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
         try:
             state, raw = _read_state_dict(cfg.checkpoint)
         except Exception as e:
