@@ -16,6 +16,7 @@ from pipeline.core import io
 from pipeline.demo.embedding_folder import make_folder, npy_bytes, unit
 from pipeline.precomputed.config import PrecomputedConfig
 from pipeline.precomputed.importer import MISSING, run_import
+from tests.embedding_dirs import write_text_embeddings
 
 CLASSES = ["tabby cat", "golden retriever", "rose"]
 CFG = PrecomputedConfig(model="ViT-L-14", pretrained="openai", engine="local")
@@ -211,22 +212,7 @@ def _emb_dir(url, feats, labels, **meta):
 
 
 def _text_dir(url, heads, **meta):
-    c = len(heads)
-    E.write_shard(
-        url, "text", [f"t{i}" for i in range(c)], list(range(c)), unit(heads),
-        extra={"kind": ["template"] * c, "prompt": [f"p{i}" for i in range(c)]},
-    )  # fmt: skip
-    names = [f"class{i}" for i in range(c)]
-    meta = {
-        "num_classes": c,
-        "classnames": names,
-        "embed_dim": heads.shape[1],
-        "kind": "text",
-        **meta,
-    }
-    io.write_json(io.join(url, E.META), meta)
-    io.mark_done(url)
-    return url
+    return write_text_embeddings(url, unit(heads), **meta)
 
 
 def test_mixing_models_fails_where_embeddings_are_combined(tmp_path):

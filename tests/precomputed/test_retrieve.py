@@ -28,6 +28,7 @@ from pipeline.precomputed.reader import read_all
 from pipeline.precomputed.retrieve import INDEX_DIR, INDEX_FILE, PART, group_hits, run_knn_retrieve
 from pipeline.precomputed.search import block_topk
 from pipeline.select.knn import recall_at_k, topk_numpy
+from tests.embedding_dirs import write_text_embeddings
 
 MODEL = {"model": "ViT-L-14", "pretrained": "openai"}
 
@@ -45,22 +46,7 @@ def _text_dir(url, heads, **meta):
     # Two template prompts per class around its head: the query is their normalised mean.
     rng = np.random.default_rng(7)
     prompts = np.concatenate([heads + 0.3 * rng.standard_normal(heads.shape) for _ in range(2)])
-    labels = list(range(c)) * 2
-    E.write_shard(
-        url, "text", [f"t{i}" for i in range(2 * c)], labels, unit(prompts),
-        extra={"kind": ["template"] * (2 * c), "prompt": [f"p{i}" for i in range(2 * c)]},
-    )  # fmt: skip
-    names = [f"class{i}" for i in range(c)]
-    meta = {
-        "num_classes": c,
-        "classnames": names,
-        "embed_dim": heads.shape[1],
-        "kind": "text",
-        **meta,
-    }
-    io.write_json(io.join(url, E.META), meta)
-    io.mark_done(url)
-    return url
+    return write_text_embeddings(url, unit(prompts), list(range(c)) * 2, **meta)
 
 
 def _global_ids(folder, table):

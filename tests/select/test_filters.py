@@ -18,6 +18,7 @@ from pipeline.select.filters import (
     zero_shot,
 )
 from pipeline.select.knn import topk_numpy
+from tests.embedding_dirs import write_text_embeddings
 
 
 def unit(x):
@@ -51,24 +52,7 @@ def _write_emb(url, uids, labels, feats, **meta):
 
 
 def _text(url, heads):
-    c = len(heads)
-    E.write_shard(
-        url,
-        "text",
-        [f"t{i}" for i in range(c)],
-        list(range(c)),
-        heads,
-        extra={"kind": ["template"] * c, "prompt": [f"p{i}" for i in range(c)]},
-    )
-    io.write_json(
-        io.join(url, E.META),
-        {
-            "num_classes": c,
-            "classnames": [f"class{i}" for i in range(c)],
-            "embed_dim": heads.shape[1],
-        },
-    )
-    io.mark_done(url)
+    write_text_embeddings(url, heads)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pipeline.select.filters import (
 from pipeline.text_filter.config import TextFilterConfig
 from pipeline.text_filter.stage import run_text_filter
 from pipeline.text_filter.terms import MatchRules
+from tests.embedding_dirs import write_text_embeddings
 
 CARS = """\
 name: Cars
@@ -192,24 +193,7 @@ def _write_pool(url, uids, labels, feats, cands):
 
 
 def _write_text(url, heads):
-    c = len(heads)
-    E.write_shard(
-        url,
-        "text",
-        [f"t{i}" for i in range(c)],
-        list(range(c)),
-        heads,
-        extra={"kind": ["template"] * c, "prompt": [f"p{i}" for i in range(c)]},
-    )
-    io.write_json(
-        io.join(url, E.META),
-        {
-            "num_classes": c,
-            "classnames": [f"class{i}" for i in range(c)],
-            "embed_dim": heads.shape[1],
-        },
-    )
-    io.mark_done(url)
+    write_text_embeddings(url, heads)
 
 
 def test_a_decisions_labels_are_what_load_returns(tmp_path):
