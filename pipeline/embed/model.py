@@ -154,22 +154,19 @@ _SHA_CACHE: dict[tuple, str] = {}
 @contextlib.contextmanager
 def _quiet_root_warnings():
     """Drop WARNING records of the root logger (open_clip logs there) inside the block."""
+    # A filter on the root logger sees exactly the records logged on it (not its children's).
     root = logging.getLogger()
     drop = _DropWarnings()
     root.addFilter(drop)
-    for h in root.handlers:
-        h.addFilter(drop)
     try:
         yield
     finally:
         root.removeFilter(drop)
-        for h in root.handlers:
-            h.removeFilter(drop)
 
 
 class _DropWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and record.levelno == logging.WARNING)
+        return record.levelno != logging.WARNING
 
 
 def checkpoint_sha256(url: str) -> str:
